@@ -1,0 +1,383 @@
+"""Tests for shortcut.py and the scripts: closed-form flows, exact identities and errors.
+
+Run with:  python -m pytest -q test_shortcut.py
+"""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import shortcut as S
+import train_toy as toy
+
+torch.set_default_dtype(torch.float32)
+
+
+################################################################################
+#                            Ground truth, in closed form                      #
+################################################################################
+
+class GaussianShortcut(torch.nn.Module):
+    """The exact shortcut for x1 ~ N(mu, s^2 I): Phi_{t->t+d}(x) = (t+d) mu + sigma(t+d)/sigma(t) (x - t mu)."""
+
+    num_classes = 0
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s = torch.as_tensor(mu, dtype=torch.float64), s
+
+    def sigma(self, t):
+        return torch.sqrt((1 - t) ** 2 + t ** 2 * self.s ** 2)
+
+    def flow(self, x, t, d):
+        t, d = t.double()[:, None], d.double()[:, None]
+        return (t + d) * self.mu + self.sigma(t + d) / self.sigma(t) * (x.double() - t * self.mu)
+
+    def velocity(self, x, t):
+        t = t.double()[:, None]
+        dsigma = (t * self.s ** 2 - (1 - t)) / self.sigma(t)
+        return self.mu + dsigma / self.sigma(t) * (x.double() - t * self.mu)
+
+    def forward(self, x, t, d, y=None):
+        safe_d = torch.where(d > 0, d, torch.ones_like(d)).double()
+        jump = (self.flow(x, t, safe_d) - x.double()) / safe_d[:, None]
+        return torch.where((d > 0)[:, None], jump, self.velocity(x, t)).to(x.dtype)
+
+
+def gaussian_as_mixture(mu, s):
+    return toy.GaussianMixture([1.0], [mu], [s ** 2 * np.eye(len(mu))])
+
+
+class CoarseExact(toy.ExactShortcut):
+    """ExactShortcut on an RK4 grid of 1/128: coarse, but the discrete flow is still a
+    semigroup on its grid, so the identities below hold to rounding and the tests stay fast."""
+
+    def forward(self, x, t, d, y=None):
+        out = torch.empty_like(x, dtype=torch.float64)
+        for dv in torch.unique(d).tolist():
+            rows = d == dv
+            xr, tr = x[rows], t[rows]
+            out[rows] = (self.gm.velocity(xr, tr) if dv == 0 else
+                         (self.gm.flow_map(xr, tr, dv, h=1 / 128) - xr.double()) / dv)
+        return out.to(x.dtype)
+
+
+MU, SCALE = [0.7, -1.2], 0.6
+
+
+def exact_models():
+    return {"gaussian": GaussianShortcut(MU, SCALE), "mixture": CoarseExact(toy.skewed_mixture())}
+
+
+################################################################################
+#                                The ground truth                              #
+################################################################################
+
+def test_mixture_velocity_and_flow_match_the_gaussian_closed_form():
+    g, gm = GaussianShortcut(MU, SCALE), gaussian_as_mixture(MU, SCALE)
+    x, t = torch.randn(500, 2, dtype=torch.float64), torch.rand(500, dtype=torch.float64)
+    torch.testing.assert_close(gm.velocity(x, t), g.velocity(x, t), rtol=0, atol=1e-12)
+    t0 = torch.full((500,), 0.25, dtype=torch.float64)
+    phi = gm.flow_map(x, t0, 0.5)                               # RK4, h = 1/1024
+    torch.testing.assert_close(phi, g.flow(x, t0, torch.full_like(t0, 0.5)), rtol=0, atol=1e-10)
+
+
+def test_mixture_flow_transports_noise_to_data():
+    """Phi_{0->1} of noise lands in the ring's modes with their weights and spread."""
+    gm, n = toy.ring(), 20_000
+    x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x1 = gm.flow_map(x0, torch.zeros(n), 1.0, h=1 / 64)
+    nearest = torch.cdist(x1, gm.mu).argmin(1)
+    counts = torch.bincount(nearest, minlength=8).double()
+    assert torch.all((counts - n / 8).abs() < 4 * math.sqrt(n / 8 * 7 / 8))
+    spread = (x1 - gm.mu[nearest]).std(0)
+    torch.testing.assert_close(spread, torch.full((2,), 0.15, dtype=torch.float64), rtol=0.03, atol=0)
+
+
+################################################################################
+#                          The self-consistency identity                       #
+################################################################################
+
+@pytest.mark.parametrize("kind", ["gaussian", "mixture"])
+def test_exact_shortcut_satisfies_step_doubling(kind):
+    """s(x,t,2d) = [s(x,t,d) + s(x + d s(x,t,d), t+d, d)] / 2 for the exact shortcut (eq. 5)."""
+    model = exact_models()[kind]
+    x = 1.5 * torch.randn(256, 2, dtype=torch.float64)
+    for d in [1 / 128, 1 / 16, 1 / 4, 1 / 2]:
+        for t0 in [0.0, 0.25, 1 - 2 * d]:
+            t, dd = torch.full((256,), t0), torch.full((256,), d)
+            s1 = model(x, t, dd)
+            s2 = model(x + d * s1, t + d, dd)
+            torch.testing.assert_close(model(x, t, 2 * dd), (s1 + s2) / 2, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "mixture"])
+def test_self_consistency_loss_vanishes_for_the_exact_shortcut(kind):
+    model = exact_models()[kind]
+    x1 = torch.as_tensor(toy.skewed_mixture().sample(512, np.random.default_rng(0)))
+    if kind == "gaussian":
+        x1 = torch.tensor(MU, dtype=torch.float64) + SCALE * torch.randn(512, 2, dtype=torch.float64)
+    loss, info = S.shortcut_loss(model, x1, bootstrap_frac=1.0, clip=None)
+    assert info["sc"] < 1e-16 and math.isnan(info["fm"])
+
+    class Wrong(torch.nn.Module):       # exact, plus an error that grows with the level
+        num_classes = 0
+
+        def forward(self, x, t, d, y=None):
+            return model(x, t, d) + 0.1 * S.step_level(d)[:, None].double()
+
+    _, info = S.shortcut_loss(Wrong(), x1, bootstrap_frac=1.0, clip=None)
+    assert info["sc"] > 0.005     # the targets sit one level finer: an error of about 0.1
+
+
+def test_flow_matching_loss_equals_the_irreducible_loss():
+    """With bootstrap_frac=0 and the exact velocity, the loss is E_t[s^2 / sigma(t)^2] per element."""
+    torch.manual_seed(0)
+    for s in (1.0, 0.5):
+        model = GaussianShortcut([0.3, -0.8], s)
+        x1 = model.mu + s * torch.randn(400_000, 2, dtype=torch.float64)
+        loss, info = S.shortcut_loss(model, x1, bootstrap_frac=0.0)
+        t = np.linspace(0, 1, 200_001)
+        expected = np.trapezoid(s ** 2 / ((1 - t) ** 2 + t ** 2 * s ** 2), t)
+        if s == 1.0:
+            assert expected == pytest.approx(math.pi / 2, rel=1e-9)
+        assert loss.item() == pytest.approx(expected, rel=0.01)
+        assert info["fm"] == pytest.approx(loss.item()) and math.isnan(info["sc"])
+
+
+################################################################################
+#                            What shortcut_loss asks                           #
+################################################################################
+
+class Spy(torch.nn.Module):
+    """Records every query; answers zero."""
+
+    num_classes = 0
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, x, t, d, y=None):
+        self.calls.append((x.detach().clone(), t.clone(), d.clone()))
+        return x * self.w
+
+
+def test_loss_queries_are_grounded_and_on_the_grid():
+    torch.manual_seed(0)
+    spy = Spy()
+    S.shortcut_loss(spy, torch.randn(700, 2), bootstrap_frac=0.25)
+    (_, t1, d1), (_, t2, d2), (_, t, dq) = spy.calls          # teacher, teacher, student
+    n_sc = 175
+    d2x = dq[:n_sc]
+    torch.testing.assert_close(d1, d2x / 2)
+    torch.testing.assert_close(t2, t1 + d1)
+    # every big step 1, 1/2, ..., 1/64 is a target, spread evenly over the bootstrap rows
+    assert sorted(set(d2x.tolist())) == [2.0 ** -k for k in range(6, -1, -1)]
+    assert max(np.bincount((-torch.log2(d2x)).long().numpy())) - min(np.bincount((-torch.log2(d2x)).long().numpy())) <= 1
+    # t on the grid of multiples of 2d, and t + 2d <= 1
+    assert torch.all(torch.remainder(t[:n_sc], d2x) == 0) and torch.all(t[:n_sc] + d2x <= 1)
+    # the finest targets query the flow-matching level: grounded
+    assert torch.all(S.step_level(d1.min()[None]) == S.step_level(torch.zeros(1)))
+    assert torch.all(dq[n_sc:] == 0)
+
+
+def test_loss_is_the_batch_weighted_mean_of_its_parts():
+    torch.manual_seed(0)
+    model = S.MLP()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    loss, info = S.shortcut_loss(model, torch.randn(64, 2), bootstrap_frac=0.25)
+    assert loss.item() == pytest.approx((16 * info["sc"] + 48 * info["fm"]) / 64, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_targets_come_from_the_teacher_without_gradient():
+    torch.manual_seed(0)
+    student, teacher = Spy(), Spy()
+    loss, _ = S.shortcut_loss(student, torch.randn(64, 2), teacher=teacher, bootstrap_frac=0.5)
+    assert len(teacher.calls) == 2 and len(student.calls) == 1
+    loss.backward()
+    assert teacher.w.grad is None and student.w.grad is not None
+
+
+def test_targets_are_clipped():
+    class Big(torch.nn.Module):
+        num_classes = 0
+
+        def forward(self, x, t, d, y=None):
+            return torch.full_like(x, 10.0)
+    loss, info = S.shortcut_loss(Big(), torch.zeros(8, 3), bootstrap_frac=1.0, clip=4.0)
+    assert info["sc"] == pytest.approx(36.0)          # (10 - 4)^2
+
+
+################################################################################
+#                                   Sampler                                    #
+################################################################################
+
+@pytest.mark.parametrize("kind", ["gaussian", "mixture"])
+def test_exact_shortcut_sampler_lands_on_the_flow_map_for_every_N(kind):
+    model = exact_models()[kind]
+    x0 = torch.randn(200, 2, dtype=torch.float64)
+    if kind == "gaussian":
+        target = model.flow(x0, torch.zeros(200), torch.ones(200))
+    else:
+        target = model.gm.flow_map(x0, torch.zeros(200), 1.0, h=1 / 128)
+    for n in [1, 2, 4, 8, 16, 32, 64, 128]:
+        torch.testing.assert_close(S.sample(model, x0, n), target, rtol=0, atol=1e-9)
+    torch.testing.assert_close(S.sample(model, x0, [0.5, 0.25, 0.25]), target, rtol=0, atol=1e-9)
+
+
+def test_flow_sampling_converges_at_first_order():
+    model = GaussianShortcut(MU, SCALE)
+    x0 = torch.randn(1000, 2, dtype=torch.float64)
+    exact = model.flow(x0, torch.zeros(1000), torch.ones(1000))
+    errors = [(S.sample(model, x0, n, flow=True) - exact).norm(dim=1).mean().item() for n in (8, 16, 32, 64)]
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert all(1.8 < r < 2.2 for r in ratios), ratios
+
+
+def test_trajectory_and_guidance():
+    model = GaussianShortcut(MU, SCALE)
+    x0 = torch.randn(10, 2, dtype=torch.float64)
+    x1, path = S.sample(model, x0, 4, trajectory=True)
+    assert path.shape == (5, 10, 2)
+    torch.testing.assert_close(path[0], x0)
+    torch.testing.assert_close(path[-1], x1)
+
+    class ByClass(torch.nn.Module):     # s = y (the null class, 3, gives 3)
+        num_classes = 3
+
+        def forward(self, x, t, d, y=None):
+            return y[:, None].to(x.dtype).expand_as(x)
+    y = torch.tensor([0, 1, 2])
+    out = S.sample(ByClass(), torch.zeros(3, 2), 1, y=y, cfg_scale=2.0)
+    torch.testing.assert_close(out[:, 0], 3 + 2.0 * (y.float() - 3))    # s_u + w (s_c - s_u)
+
+
+@pytest.mark.parametrize("steps", [3, 256, 0, 6, 2.0, [0.5, 0.3, 0.2], [0.5, 0.25]])
+def test_sampler_rejects_bad_steps(steps):
+    with pytest.raises(ValueError, match="power"):
+        S.sample(S.MLP(), torch.randn(4, 2), steps)
+
+
+################################################################################
+#                                    Models                                    #
+################################################################################
+
+def models_under_test():
+    return [S.MLP(dim=3, num_classes=4), S.MLP(dim=2),
+            S.DiT(S.dit_config("tiny", img_size=8, channels=1, num_classes=4)),
+            S.DiT(S.dit_config("tiny", img_size=8, channels=3, patch=4))]
+
+
+def inputs_for(model, B=6):
+    shape = (B, model.dim) if isinstance(model, S.MLP) else (B, model.cfg.channels, 8, 8)
+    y = torch.arange(B) % (model.num_classes + 1) if model.num_classes else None
+    return torch.randn(shape), torch.rand(B), 0.5 ** torch.randint(0, 8, (B,)).float(), y
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_model_init_output_shape_and_gradients(i):
+    torch.manual_seed(i)
+    model = models_under_test()[i]
+    x, t, d, y = inputs_for(model)
+    out = model(x, t, d, y)
+    assert out.shape == x.shape
+    assert torch.all(out == 0)                       # zero final layer (and adaLN-Zero)
+    for p in model.parameters():                     # leave the zero init to test the wiring
+        torch.nn.init.normal_(p, std=0.2)
+    model(x, t, d, y).pow(2).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_conditioning_is_used(i):
+    torch.manual_seed(i)
+    model = models_under_test()[i]
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, d, y = inputs_for(model, B=4)
+    base = model(x, t, d, y)
+    assert not torch.allclose(base, model(x, t.flip(0) * 0.5, d, y))
+    assert not torch.allclose(base, model(x, t, d / 2, y))
+    # d = 0 (the velocity) is the finest level, d = 1/128
+    torch.testing.assert_close(model(x, t, torch.zeros(4), y), model(x, t, torch.full((4,), 1 / 128), y))
+    if model.num_classes:
+        null = torch.full((4,), model.num_classes)
+        torch.testing.assert_close(model(x, t, d, None), model(x, t, d, null))
+        assert not torch.allclose(model(x, t, d, torch.zeros(4, dtype=torch.long)), model(x, t, d, null))
+
+
+def test_models_reject_bad_shapes():
+    mlp = S.MLP(dim=2)
+    with pytest.raises(ValueError, match="shape"):
+        mlp(torch.randn(4, 3), torch.rand(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="t must have shape"):
+        mlp(torch.randn(4, 2), torch.rand(5), torch.zeros(4))
+    with pytest.raises(ValueError, match="no classes"):
+        mlp(torch.randn(4, 2), torch.rand(4), torch.zeros(4), torch.zeros(4, dtype=torch.long))
+    dit = S.DiT(S.dit_config("tiny", img_size=8, channels=1))
+    with pytest.raises(ValueError, match="expects x of shape"):
+        dit(torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown DiT size"):
+        S.dit_config("huge")
+    with pytest.raises(ValueError, match="bootstrap_frac"):
+        S.shortcut_loss(mlp, torch.randn(4, 2), bootstrap_frac=1.5)
+
+
+def test_ema_update_is_exact():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters())]
+    S.ema_update(a, b, decay=0.9)
+    for p, e in zip(a.parameters(), expected):
+        torch.testing.assert_close(p, e)
+
+
+################################################################################
+#                                   Training                                   #
+################################################################################
+
+def test_short_training_shortcut_beats_flow_at_one_step():
+    args = toy.parse_args(["--steps", "400", "--batch-size", "256", "--width", "64"])
+    rng = np.random.default_rng(0)
+    data = toy.sample_data("ring", 20_000, rng)
+    fresh = toy.sample_data("ring", 2000, rng)
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    dist = {}
+    for name, frac in (("shortcut", 0.25), ("flow", 0.0)):
+        model = toy.train(name, data, args, frac, torch.device("cpu"))
+        dist[name] = toy.sliced_w2(S.sample(model, x0, 1, flow=frac == 0).numpy(), fresh)
+    assert dist["shortcut"] < 0.25 * dist["flow"], dist
+
+
+def test_toy_script_writes_its_outputs(tmp_path):
+    metrics = toy.main(["--steps", "30", "--n-samples", "2000", "--width", "32", "--out", str(tmp_path)])
+    for f in ("samples.png", "trajectories.png", "exact.png", "samples.npz", "metrics.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    npz = np.load(tmp_path / "samples.npz")
+    assert npz["data"].shape == (2000, 2)
+    for n in toy.STEP_COUNTS:
+        assert npz[f"shortcut_{n}"].shape == npz[f"flow_{n}"].shape == (2000, 2)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["floor"] == pytest.approx(metrics["floor"]) and set(saved["shortcut"]) == {str(n) for n in toy.STEP_COUNTS}
+
+
+@pytest.mark.parametrize("name", toy.DATASETS)
+def test_datasets_have_unit_scale(name):
+    x = toy.sample_data(name, 5000, np.random.default_rng(0))
+    assert x.shape == (5000, 2) and x.dtype == np.float32
+    assert 0.5 < x.std() < 1.5 and np.abs(x).max() < 4
+
+
+def test_toy_cli_rejects_bad_flags():
+    for flags in (["--bootstrap-frac", "2"], ["--dataset", "spiral"], ["--steps", "0"]):
+        r = subprocess.run([sys.executable, "train_toy.py", *flags], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr

@@ -1,0 +1,368 @@
+"""Shortcut models on 2-D data: the paper's Figure 1 on a laptop CPU in well under a minute.
+
+    python train_toy.py                      # 8 Gaussians on a ring, writes out/toy/
+    python train_toy.py --dataset moons --steps 6000
+
+Trains a shortcut model and a flow-matching baseline (bootstrap_frac=0) with the same
+network, budget and seed, then writes to --out:
+  samples.png      one row per model, one column per step count, plus the data
+  trajectories.png sample paths at 1, 4 and 128 steps
+  exact.png        (Gaussian mixtures) the learned shortcut against the exact jump
+                   (Phi_{t->t+d}(x) - x)/d of the true flow map, for each d
+  samples.npz      data, shortcut_N and flow_N for N = 1 .. 128, from the same noise
+  metrics.json     sliced Wasserstein-2 distance to fresh data per N, and its floor
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from shortcut import MAX_STEPS, MLP, pick_device, sample, seed_everything, shortcut_loss
+
+STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+################################################################################
+#              Gaussian mixtures and their exact flow (the truth)              #
+################################################################################
+
+class GaussianMixture:
+    """x1 ~ sum_k pi_k N(mu_k, Sigma_k), with the exact velocity and flow map of the path.
+
+    Given component k, x_t ~ N(t mu_k, C_k) with C_k(t) = (1-t)^2 I + t^2 Sigma_k, and
+    E[x1 - x0 | x_t, k] = mu_k + (t Sigma_k - (1-t) I) C_k^-1 (x_t - t mu_k). The velocity is
+    the mixture of these regressions weighted by the posterior w_k ∝ pi_k N(x_t; t mu_k, C_k).
+    """
+
+    def __init__(self, weights, means, covs):
+        self.pi = torch.as_tensor(weights, dtype=torch.float64)
+        self.pi = self.pi / self.pi.sum()
+        self.mu = torch.as_tensor(np.asarray(means), dtype=torch.float64)          # (K, D)
+        self.cov = torch.as_tensor(np.asarray(covs), dtype=torch.float64)          # (K, D, D)
+        self.lam, self.U = torch.linalg.eigh(self.cov)                  # (K, D), (K, D, D)
+
+    def sample(self, n, rng):
+        k = rng.choice(len(self.pi), size=n, p=self.pi.numpy())
+        L = np.linalg.cholesky(self.cov.numpy())
+        z = rng.standard_normal((n, self.mu.shape[1]))
+        return self.mu.numpy()[k] + np.einsum("nij,nj->ni", L[k], z)
+
+    def velocity(self, x, t):
+        """v(x, t) for x (B, D) and t (B,), in float64.
+
+        With Sigma_k = U diag(lam) U^T, C_k is diagonal in the same basis, so the solve
+        and the log-determinant are elementwise there.
+        """
+        t = t.double()[:, None, None]                                   # (B, 1, 1)
+        r = x.double()[:, None] - t * self.mu                           # (B, K, D)
+        r_u = (r[..., None, :] @ self.U)[..., 0, :]                     # U^T r
+        c = (1 - t) ** 2 + t ** 2 * self.lam                            # eigenvalues of C_k
+        gain = (t * self.lam - (1 - t)) / c                             # of (t Sigma - (1-t) I) C^-1
+        v_k = self.mu + ((gain * r_u)[..., None, :] @ self.U.mT)[..., 0, :]
+        logp = -0.5 * (r_u ** 2 / c + torch.log(c)).sum(-1)
+        w = torch.softmax(torch.log(self.pi) + logp, dim=1)             # (B, K)
+        return (w[:, None] @ v_k)[:, 0]
+
+    def flow_map(self, x, t, d, h=1.0 / 1024):
+        """Phi_{t -> t+d}(x) by RK4 on a grid of step h (rows share d, not t)."""
+        n = max(1, math.ceil(d / h - 1e-9))
+        x, t, dt = x.double(), t.double(), d / n
+        for _ in range(n):
+            k1 = self.velocity(x, t)
+            k2 = self.velocity(x + dt / 2 * k1, t + dt / 2)
+            k3 = self.velocity(x + dt / 2 * k2, t + dt / 2)
+            k4 = self.velocity(x + dt * k3, t + dt)
+            x, t = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), t + dt
+        return x
+
+
+class ExactShortcut(torch.nn.Module):
+    """The true shortcut (Phi_{t->t+d}(x) - x)/d of a GaussianMixture; the velocity at d=0."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm, self.num_classes = gm, 0
+
+    def forward(self, x, t, d, y=None):
+        out = torch.empty_like(x, dtype=torch.float64)
+        for dv in torch.unique(d).tolist():
+            rows = d == dv
+            xr, tr = x[rows], t[rows]
+            out[rows] = (self.gm.velocity(xr, tr) if dv == 0 else
+                         (self.gm.flow_map(xr, tr, dv) - xr.double()) / dv)
+        return out.to(x.dtype)
+
+
+def ring(n=8, radius=1.5, std=0.15):
+    angles = 2 * np.pi * np.arange(n) / n
+    means = radius * np.stack([np.cos(angles), np.sin(angles)], 1)
+    return GaussianMixture(np.ones(n), means, np.tile(std ** 2 * np.eye(2), (n, 1, 1)))
+
+
+def skewed_mixture():
+    """Four anisotropic components of unequal weight: a harder, lopsided target."""
+    def cov(sx, sy, angle):
+        R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        return R @ np.diag([sx ** 2, sy ** 2]) @ R.T
+    return GaussianMixture([0.4, 0.3, 0.2, 0.1],
+                           [[-1.0, -0.6], [1.0, 1.0], [1.1, -1.2], [-1.2, 1.3]],
+                           [cov(0.5, 0.12, 0.6), cov(0.3, 0.3, 0.0), cov(0.4, 0.1, -1.0),
+                            cov(0.15, 0.15, 0.0)])
+
+
+################################################################################
+#                                   Datasets                                   #
+################################################################################
+
+def sample_data(name, n, rng):
+    """n points (float32, roughly unit scale) of a named 2-D dataset."""
+    seed = int(rng.integers(2 ** 31))
+    if name in MIXTURES:
+        return MIXTURES[name]().sample(n, rng).astype(np.float32)
+    if name == "moons":
+        from sklearn.datasets import make_moons
+        x = make_moons(n, noise=0.05, random_state=seed)[0]
+        return ((x - [0.5, 0.25]) / [0.87, 0.5] * 0.8).astype(np.float32)
+    if name == "swissroll":
+        from sklearn.datasets import make_swiss_roll
+        x = make_swiss_roll(n, noise=0.3, random_state=seed)[0][:, [0, 2]]
+        return (x / 7.0).astype(np.float32)
+    if name == "checkerboard":
+        x = rng.uniform(-2, 2, size=(n, 2))
+        x[:, 1] = rng.uniform(0, 1, size=n) + rng.integers(-2, 2, size=n)
+        x[:, 1] += np.floor(x[:, 0]) % 2
+        x[:, 1] = (x[:, 1] + 2) % 4 - 2
+        return (x * 0.7).astype(np.float32)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+MIXTURES = {"ring": ring, "mixture": skewed_mixture}
+DATASETS = list(MIXTURES) + ["moons", "swissroll", "checkerboard"]
+
+
+def sliced_w2(a, b, n_proj=512, seed=0):
+    """Sliced Wasserstein-2 distance between two equal-sized point clouds."""
+    g = np.random.default_rng(seed)
+    theta = g.standard_normal((a.shape[1], n_proj))
+    theta /= np.linalg.norm(theta, axis=0)
+    pa, pb = np.sort(a @ theta, axis=0), np.sort(b @ theta, axis=0)
+    return float(np.sqrt(((pa - pb) ** 2).mean()))
+
+
+################################################################################
+#                                   Training                                   #
+################################################################################
+
+def train(name, data, args, bootstrap_frac, device):
+    """Trains one MLP shortcut model. The learning rate decays to 0, so no EMA is needed."""
+    seed_everything(args.seed)
+    model = MLP(width=args.width, depth=args.depth).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / args.steps)))
+    data = torch.as_tensor(data, device=device)
+    t0 = last = time.time()
+    for step in range(1, args.steps + 1):
+        x1 = data[torch.randint(len(data), (args.batch_size,), device=device)]
+        loss, info = shortcut_loss(model, x1, bootstrap_frac=bootstrap_frac)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"{name}: the loss became {loss.item()} at step {step}; "
+                             "try a lower --lr")
+        now = time.time()
+        if now - last > args.log_every or step == args.steps:
+            rate = step / (now - t0)
+            print(f"  {name:9s} step {step:6d}/{args.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
+                  f"  {rate:6.0f} it/s  ETA {(args.steps - step) / rate:5.1f}s", flush=True)
+            last = now
+    return model.eval()
+
+
+################################################################################
+#                                   Figures                                    #
+################################################################################
+
+def plot_samples(path, data, samples, counts):
+    import matplotlib.pyplot as plt
+    rows = list(samples)
+    fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.2 * (len(counts) + 1), 2.3 * len(rows)),
+                             squeeze=False)
+    lim = np.abs(data).max() * 1.15
+    for r, model in enumerate(rows):
+        for c, n in enumerate(counts + ["data"]):
+            ax = axes[r, c]
+            pts = data if n == "data" else samples[model][n]
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="k" if n == "data" else f"C{r}")
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+            if r == 0:
+                ax.set_title("data" if n == "data" else f"{n} step{'s' * (n > 1)}")
+        axes[r, 0].set_ylabel(model)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trajectories(path, data, trajectories, counts, n_paths=250):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    rows = list(trajectories)
+    fig, axes = plt.subplots(len(rows), len(counts), figsize=(3 * len(counts), 3 * len(rows)), squeeze=False)
+    lim = max(np.abs(data).max() * 1.3, 3.0)     # wide enough to show where the noise starts
+    for r, model in enumerate(rows):
+        for c, n in enumerate(counts):
+            ax = axes[r, c]
+            traj = trajectories[model][n][:, :n_paths]                  # (N+1, n_paths, 2)
+            ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="0.8")
+            ax.add_collection(LineCollection(traj.transpose(1, 0, 2), lw=0.5, alpha=0.5, color=f"C{r}"))
+            ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="k", zorder=3)
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal",
+                   title=f"{model}, {n} step{'s' * (n > 1)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def exact_errors(models, gm, n=512, seed=0):
+    """RMS error of each model's s(x_t, t, d) against the exact jump, for each d.
+
+    One fine RK4 integration of n noise points records the true paths at every multiple
+    of 1/128. Points on true paths follow the true marginals, so for every d = 1/N the
+    pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... give inputs and exact jumps (x_{t+d}-x_t)/d
+    at once. The flow baseline is queried at d = 0: its only answer is v.
+    Also returns the noise x0 and its exact image Phi_{0->1}(x0).
+    """
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    path = [x]
+    for i in range(MAX_STEPS):
+        path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
+    path = torch.stack(path)                                       # (129, n, 2)
+    errors = {name: {} for name in models}
+    for n_steps in STEP_COUNTS:
+        stride, d = MAX_STEPS // n_steps, 1.0 / n_steps
+        x_t, x_next = path[:-1:stride].reshape(-1, 2), path[stride::stride].reshape(-1, 2)
+        t = torch.arange(n_steps).repeat_interleave(n) * d
+        for name, model in models.items():
+            with torch.no_grad():
+                pred = model(x_t.float(), t.float(), torch.full_like(t, 0.0 if name == "flow" else d))
+            err = pred.double() - (x_next - x_t) / d
+            errors[name][n_steps] = float(err.pow(2).sum(1).mean().sqrt())
+    return errors, (path[0].float(), path[-1].float())
+
+
+def plot_exact(path, errors, models, one_step, n_points=300):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    fig, axes = plt.subplots(1, 1 + len(models), figsize=(13, 4))
+    ax = axes[0]
+    for name, errs in errors.items():
+        ax.plot(list(errs), list(errs.values()), "o-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="step size d", ylabel="RMS error of s(x_t, t, d)",
+           title="learned vs exact shortcut (Phi(x)-x)/d")
+    ax.set_xticks(STEP_COUNTS, [f"1/{n}" for n in STEP_COUNTS])
+    ax.legend()
+    x0, exact = one_step[0][:n_points], one_step[1][:n_points]
+    for i, (ax, name) in enumerate(zip(axes[1:], models)):
+        with torch.no_grad():
+            d = torch.full((len(x0),), 0.0 if name == "flow" else 1.0)
+            jump = x0 + models[name](x0, torch.zeros(len(x0)), d)
+        ax.add_collection(LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
+        ax.scatter(*exact.T, s=4, color="0.5", label="exact Phi_{0->1}(x0)")
+        ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
+        ax.set(aspect="equal", xticks=[], yticks=[], title=f"{name}: one step of size 1 (red: error)")
+        ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+################################################################################
+#                                     Main                                     #
+################################################################################
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="ring", choices=DATASETS,
+                   help="2-D data: ring (8 Gaussians), mixture (4 skewed Gaussians), moons, "
+                        "swissroll, checkerboard (default: ring)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default: 3000)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default: 2e-3)")
+    p.add_argument("--bootstrap-frac", type=float, default=0.25,
+                   help="share of each batch with self-consistency targets for the shortcut model (default: 0.25)")
+    p.add_argument("--width", type=int, default=128, help="MLP width (default: 128)")
+    p.add_argument("--depth", type=int, default=3, help="MLP residual blocks (default: 3)")
+    p.add_argument("--n-samples", type=int, default=4000, help="samples per step count (default: 4000)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, noise and weights (default: 0)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu; the toy is too small to gain from a GPU)")
+    p.add_argument("--out", default="out/toy", help="output folder (default: out/toy)")
+    p.add_argument("--log-every", type=float, default=3.0, help="seconds between progress lines (default: 3)")
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch_size", "n_samples", "width", "depth"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.bootstrap_frac <= 1.0:
+        p.error("--bootstrap-frac must be in [0, 1]")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    rng = np.random.default_rng(args.seed)
+    train_data = sample_data(args.dataset, 100_000, rng)
+    data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
+
+    print(f"training on {args.dataset}: {args.steps} steps, batch {args.batch_size}, device {args.device}")
+    models = {"shortcut": train("shortcut", train_data, args, args.bootstrap_frac, args.device),
+              "flow": train("flow", train_data, args, 0.0, args.device)}
+    models = {k: m.cpu() for k, m in models.items()}
+
+    x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(args.seed + 1))
+    samples, trajectories = {m: {} for m in models}, {m: {} for m in models}
+    for name, model in models.items():
+        for n in STEP_COUNTS:
+            x1, traj = sample(model, x0, n, flow=name == "flow", trajectory=True)
+            samples[name][n], trajectories[name][n] = x1.numpy(), traj.numpy()
+
+    floor = sliced_w2(data, data_b)
+    metrics = {"dataset": args.dataset, "metric": "sliced W2 to fresh data", "floor": floor,
+               **{name: {n: sliced_w2(samples[name][n], data) for n in STEP_COUNTS} for name in models}}
+    print(f"\nsliced W2 to {args.n_samples} fresh points (floor, data vs data: {floor:.4f})")
+    print("  steps " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
+    for name in models:
+        print(f"  {name:8s}" + "".join(f"{metrics[name][n]:9.4f}" for n in STEP_COUNTS))
+
+    plot_samples(os.path.join(args.out, "samples.png"), data, samples, [1, 2, 4, 8, 128])
+    plot_trajectories(os.path.join(args.out, "trajectories.png"), data, trajectories, [1, 4, 128])
+    if args.dataset in MIXTURES:
+        errors, one_step = exact_errors(models, MIXTURES[args.dataset]())
+        metrics["exact_rms_error"] = errors
+        print("\nRMS error of s(x_t, t, d) against the exact jump (Phi_{t->t+d}(x_t) - x_t)/d")
+        print("  d     " + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
+        for name in models:
+            print(f"  {name:8s}" + "".join(f"{errors[name][n]:9.4f}" for n in STEP_COUNTS))
+        plot_exact(os.path.join(args.out, "exact.png"), errors, models, one_step)
+
+    np.savez_compressed(os.path.join(args.out, "samples.npz"), data=data,
+                        **{f"{name}_{n}": samples[name][n] for name in models for n in STEP_COUNTS})
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"\ndone in {time.time() - start:.1f}s; wrote samples.png, trajectories.png"
+          f"{', exact.png' if args.dataset in MIXTURES else ''}, samples.npz, metrics.json to {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
