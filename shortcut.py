@@ -173,9 +173,14 @@ class DiTConfig:
     mlp_ratio: int = 4
     num_classes: int = 0
 
+    def __post_init__(self):
+        if self.img_size % self.patch or self.width % self.heads or self.width % 4:
+            raise ValueError(f"bad DiT config {self}: img_size must be a multiple of patch, "
+                             "width a multiple of heads and of 4")
+
 
 # (width, depth, heads). S and B are DiT-S and DiT-B (Peebles & Xie, 2023).
-DIT_SIZES = {"tiny": (32, 2, 2), "XS": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12)}
+DIT_SIZES = {"tiny": (32, 2, 2), "XS": (64, 3, 4), "S": (384, 12, 6), "B": (768, 12, 12)}
 
 
 def dit_config(size, **kw):
@@ -227,9 +232,6 @@ class DiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if cfg.img_size % cfg.patch or cfg.width % cfg.heads or cfg.width % 4:
-            raise ValueError(f"bad DiT config {cfg}: img_size must be a multiple of patch, "
-                             "width a multiple of heads and of 4")
         self.cfg, self.num_classes = cfg, cfg.num_classes
         p, grid = cfg.patch, cfg.img_size // cfg.patch
         self.patchify = nn.Conv2d(cfg.channels, cfg.width, kernel_size=p, stride=p)
@@ -292,6 +294,19 @@ def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=
     'sc', nan for an empty part). clip bounds the bootstrap targets and the intermediate
     point (None: no clipping).
     """
+    err, n_sc = shortcut_errors(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac, clip=clip)
+    info = {"fm": err[n_sc:].mean().item() if n_sc < len(err) else float("nan"),
+            "sc": err[:n_sc].mean().item() if n_sc else float("nan")}
+    return err.mean(), info
+
+
+def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, rows=None):
+    """The per-sample squared errors of shortcut_loss, and n_sc: rows [:n_sc] are the
+    self-consistency part. A training loop that must not wait on the GPU uses this directly.
+
+    rows (a slice) is for data parallelism: every process draws the randomness of the whole
+    batch x1 alike and computes only its rows, so P processes reproduce one exactly.
+    """
     if not 0.0 <= bootstrap_frac <= 1.0:
         raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
     if y is not None and y.shape != x1.shape[:1]:
@@ -309,13 +324,17 @@ def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=
     t_sc = torch.floor(torch.rand(n_sc, device=dev) * 2.0 ** k) * d2
     t = torch.cat([t_sc, torch.rand(B - n_sc, device=dev)])
     d_query = torch.cat([d2, torch.zeros(B - n_sc, device=dev)])
+    if rows is not None:      # the SC rows stay first: a slice keeps the order
+        n_sc, B = len(range(n_sc)[rows]), len(range(B)[rows])
+        x0, x1, t, d_query = x0[rows], x1[rows], t[rows], d_query[rows]
+        y, bshape = None if y is None else y[rows], (B,) + bshape[1:]
     tb = t.view(bshape)
     x_t = (1 - tb) * x0 + tb * x1                                  # eq. 1
 
     target = x1 - x0                                               # v, eq. 4
     if n_sc:
-        d = d2 / 2
-        x_sc, y_sc, db = x_t[:n_sc], None if y is None else y[:n_sc], d.view((-1,) + bshape[1:])
+        x_sc, t_sc, d = x_t[:n_sc], t[:n_sc], d_query[:n_sc] / 2
+        y_sc, db = None if y is None else y[:n_sc], d.view((-1,) + bshape[1:])
         with torch.no_grad():                                      # sg[.] of eq. 5
             s1 = teacher(x_sc, t_sc, d, y_sc)
             x_mid = _clip(x_sc + db * s1, clip)
@@ -323,10 +342,7 @@ def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=
             target = torch.cat([_clip((s1 + s2) / 2, clip), target[n_sc:]])
 
     err = (model(x_t, t, d_query, y) - target.to(x_t.dtype)).float().pow(2)
-    per_row = err.flatten(1).mean(1)
-    info = {"fm": per_row[n_sc:].mean().item() if n_sc < B else float("nan"),
-            "sc": per_row[:n_sc].mean().item() if n_sc else float("nan")}
-    return per_row.mean(), info
+    return err.flatten(1).mean(1), n_sc
 
 
 def _clip(x, clip):
@@ -350,7 +366,7 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, trajectory=Fa
     is the conditional model alone.
     trajectory: also return the (N+1, *x0.shape) stack of points visited.
     """
-    sizes = _step_sizes(steps, flow)
+    sizes = step_sizes(steps, flow)
     B = x0.shape[0]
     x, t, path = x0, 0.0, [x0]
     for size in sizes:
@@ -362,7 +378,8 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, trajectory=Fa
     return (x, torch.stack(path)) if trajectory else x
 
 
-def _step_sizes(steps, flow):
+def step_sizes(steps, flow=False):
+    """The list of step sizes that `sample` takes for `steps`; ValueError if not allowed."""
     allowed = "a power of two from 1 to 128 (1, 2, 4, ..., 128)"
     if isinstance(steps, (list, tuple)):
         ok = [s > 0 and 2.0 ** round(math.log2(s)) == s and s * MAX_STEPS >= 1 for s in steps]

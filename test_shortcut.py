@@ -381,3 +381,223 @@ def test_toy_cli_rejects_bad_flags():
     for flags in (["--bootstrap-frac", "2"], ["--dataset", "spiral"], ["--steps", "0"]):
         r = subprocess.run([sys.executable, "train_toy.py", *flags], capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+################################################################################
+#                           train_images.py: data                              #
+################################################################################
+
+import os  # noqa: E402
+import pickle  # noqa: E402
+import tarfile  # noqa: E402
+
+import train_images as ti  # noqa: E402
+
+
+def write_cifar(root, n=20, as_folder=False):
+    """A small CIFAR-10 in the real python-pickle format: 5 training batches, a test batch, meta."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": list(rng.integers(0, 10, n)), b"batch_label": name.encode()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batches[name], f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": n}, f)
+    if not as_folder:
+        with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(folder, arcname="cifar-10-batches-py")
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
+    return batches
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_cifar_loader_reads_the_python_archive(tmp_path, as_folder):
+    batches = write_cifar(tmp_path, as_folder=as_folder)
+    x, y = ti.load_cifar10(str(tmp_path))
+    assert x.shape == (100, 3, 32, 32) and x.dtype == np.uint8 and y.shape == (100,)
+    first = batches["data_batch_1"]
+    assert np.array_equal(x[0, 1].ravel(), first[b"data"][0, 1024:2048])   # channel-major rows
+    assert np.array_equal(x[20], batches["data_batch_2"][b"data"][0].reshape(3, 32, 32))
+    assert y[:20].tolist() == list(first[b"labels"])
+
+
+def test_cifar_loader_errors(tmp_path):
+    with pytest.raises(ti.UserError, match="--download"):
+        ti.load_cifar10(str(tmp_path / "nowhere"))
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(ti.UserError, match="corrupt"):
+        ti.load_cifar10(str(tmp_path))
+    with pytest.raises(ti.UserError, match="md5"):
+        ti.check_md5(str(tmp_path / "cifar-10-python.tar.gz"), ti.CIFAR_MD5)
+
+
+def test_celeba_loader_crops_resizes_and_caches(tmp_path):
+    from PIL import Image
+    for i in range(3):
+        img = np.zeros((218, 178, 3), np.uint8)      # aligned CelebA is 178 wide, 218 high
+        img[:, :89] = (255, 0, 0)                    # left half red, right half blue
+        img[:, 89:] = (0, 0, 255)
+        img[:20] = (0, 255, 0)                       # a green band that the center crop removes
+        Image.fromarray(img).save(tmp_path / f"{i:06d}.jpg", quality=95)
+    x, y = ti.load_celeba(str(tmp_path))
+    assert x.shape == (3, 3, 64, 64) and y is None
+    assert x[0, 0, :, :20].mean() > 200 and x[0, 2, :, -20:].mean() > 200 and x[0, 1].mean() < 30
+    assert (tmp_path / "celeba64.npy").exists()
+    np.testing.assert_array_equal(ti.load_celeba(str(tmp_path))[0], x)
+
+
+def test_frechet_distance_closed_form():
+    mu_a, mu_b = np.array([0.0, 1.0]), np.array([1.0, -1.0])
+    ca, cb = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    # diagonal Gaussians: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2
+    assert ti.frechet_from_stats(mu_a, ca, mu_b, cb) == pytest.approx(5 + (1 - 3) ** 2 + (2 - 1) ** 2)
+    rot = np.array([[0.6, -0.8], [0.8, 0.6]])        # invariant under a common rotation
+    assert ti.frechet_from_stats(rot @ mu_a, rot @ ca @ rot.T, rot @ mu_b, rot @ cb @ rot.T) == pytest.approx(10.0)
+
+
+################################################################################
+#                      train_images.py: runs and checkpoints                   #
+################################################################################
+
+TINY = ["--model", "tiny", "--batch-size", "16", "--n-samples", "20", "--eval-steps", "1,2",
+        "--log-every", "100", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))      # shares the cached digit classifier
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_digits_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "run"
+    metrics = ti.main(TINY + ["--steps", "4", "--out", str(out), "--data-dir", data_dir])
+    for f in ("checkpoint.pt", "grid_1.png", "grid_2.png", "steps.png", "samples.npz", "metrics.json"):
+        assert (out / f).stat().st_size > 0
+    npz = np.load(out / "samples.npz")
+    assert npz["shortcut_1"].shape == (20, 1, 8, 8) and npz["labels"].tolist() == [i % 10 for i in range(20)]
+    assert 0 <= npz["shortcut_2"].min() and npz["shortcut_2"].max() <= 1
+    assert set(metrics) >= {"floor", "shortcut_1", "shortcut_2", "flow_1", "flow_2"}
+    assert 0 < metrics["floor"] < metrics["shortcut_1"]["fd"]       # 4 steps of training: far from data
+    assert weights(out / "checkpoint.pt")["step"] == 4
+
+
+def test_digits_judge_recognises_real_digits(data_dir):
+    judge = ti.DigitsJudge(os.path.join(data_dir, "digits_judge.npz"))
+    x, y = ti.load_digits()
+    assert (judge.predict(x / 255.0) == y).mean() > 0.97
+
+
+def test_resume_is_bit_exact(tmp_path, data_dir):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = TINY + ["--data-dir", data_dir, "--save-every", "3", "--ema-teacher", "--lr-schedule", "constant"]
+    ti.main(common + ["--steps", "6", "--out", str(full)])
+    ti.main(common + ["--steps", "3", "--out", str(part)])
+    ti.main(common + ["--steps", "6", "--out", str(part), "--resume", str(part / "checkpoint.pt")])
+    a, b = weights(full / "checkpoint.pt"), weights(part / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ti.cli(argv)
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+def test_cli_errors_are_one_line_and_keep_checkpoints(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    ti.main(TINY + ["--steps", "2", "--out", str(out), "--data-dir", data_dir])
+    ckpt = out / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b truncated")
+    cases = [
+        (["--dataset", "mnist"], "unknown dataset"),
+        (["--dataset", "cifar10", "--data-dir", str(tmp_path / "none")], "--download"),
+        (["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")], "corrupt"),
+        (["--resume", str(bad), "--out", str(out)], "corrupt or not a shortcut checkpoint"),
+        (["--resume", str(ckpt), "--out", str(out), "--model", "XS"], "same --dataset, --model"),
+        (["--eval-steps", "1,3"], "power of two"),
+        (["--out", str(out)], "exists; pass --resume"),
+    ]
+    for flags, message in cases:
+        argv = TINY + ["--steps", "4", "--data-dir", data_dir] + flags
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (flags, err)
+        assert err.startswith("error:") and "Traceback" not in err
+    assert ckpt.read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = ti.shortcut_errors
+
+    def poisoned(*a, **k):
+        err, n_sc = real(*a, **k)
+        calls["n"] += 1
+        return (err * float("nan") if calls["n"] > 4 else err), n_sc
+    monkeypatch.setattr(ti, "shortcut_errors", poisoned)
+    out = tmp_path / "run"
+    code, err = run_cli(TINY + ["--steps", "8", "--save-every", "2", "--out", str(out), "--data-dir", data_dir], capsys)
+    assert code == 1 and "non-finite" in err
+    state = weights(out / "checkpoint.pt")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+################################################################################
+#                  train_images.py: FLOPs, benchmark, multi-process             #
+################################################################################
+
+@pytest.mark.parametrize("size,img,patch", [("tiny", 8, 2), ("XS", 16, 4)])
+def test_flop_formula_matches_the_flop_counter(size, img, patch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = S.DiT(S.dit_config(size, img_size=img, channels=3, patch=patch, num_classes=10))
+    x, t, d, y = torch.randn(4, 3, img, img), torch.rand(4), torch.full((4,), 0.25), torch.arange(4)
+    # the math backend spells attention as matmuls, which the counter sees on the CPU
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, d, y)
+    assert ti.dit_flops(model, 4) == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+def test_benchmark_mode_prints_its_figures(capsys):
+    ti.main(["--benchmark", "--device", "cpu", "--model", "tiny", "--batch-size", "16",
+             "--bench-steps", "2", "--bench-warmup", "1", "--eval-batch-size", "16"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("flow matching", "shortcut (frac"))]
+    assert len(rows) == 2 and all(float(r[-4]) > 0 and float(r[-3]) > 0 for r in rows)   # img/s, ms/step
+    assert "shortcut / flow-matching step time:" in out
+    assert [line.split()[1] for line in out.splitlines() if "sampling," in line] == ["1", "128"]
+
+
+def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
+    """torchrun with 2 CPU processes and the same global batch reproduces a single process."""
+    common = [*TINY, "--steps", "3", "--data-dir", data_dir, "--batch-size", "16", "--log-every", "0"]
+    one = subprocess.run([sys.executable, "train_images.py", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          "train_images.py", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "all 2 processes hold identical weights" in two.stdout
+    losses = [[line.split()[3:6] for line in r.stdout.splitlines() if line.startswith("step")] for r in (one, two)]
+    assert len(losses[0]) == 3
+    np.testing.assert_allclose(np.array(losses[0])[:, [0, 2]].astype(float),
+                               np.array(losses[1])[:, [0, 2]].astype(float), rtol=1e-3)
+    a, b = weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "two" / "checkpoint.pt")
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,718 @@
+"""Train a shortcut DiT on images and measure it at 1, 2, 4, 8 and 128 steps.
+
+    python train_images.py                                   # 8x8 digits on the CPU, a few minutes
+    python train_images.py --device cuda --dataset cifar10 --data-dir data --download
+    python train_images.py --device cuda --dataset celeba --data-dir data/img_align_celeba
+    python train_images.py --resume out/images/checkpoint.pt --steps 20000   # continue a run
+    python train_images.py --sample-only --resume out/images/checkpoint.pt   # evaluate only
+
+Writes to --out: checkpoint.pt (every --save-every steps and at the end, atomically),
+grid_N.png for each N, steps.png (a column per N from the same noise), samples.npz and
+metrics.json. Sampling and evaluation use the EMA weights.
+
+Data: digits are scikit-learn's bundled 8x8 digits (1,797 images, offline). CIFAR-10 is read
+from the python archive cifar-10-python.tar.gz (or its extracted folder cifar-10-batches-py)
+in --data-dir; --download fetches it and checks its md5. CelebA is read from a folder of the
+aligned JPEGs (img_align_celeba), center-cropped and resized to 64x64 once, then cached as
+celeba64.npy beside them.
+
+Metrics: for digits, the Frechet distance in the hidden features of a small classifier fit
+on the real digits, its real-vs-real floor, and that classifier's accuracy on the requested
+labels. For CIFAR-10 and CelebA, FID with the standard Inception network when pytorch-fid is
+installed (pip install pytorch-fid; it fetches the Inception weights on first use).
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.request
+
+import numpy as np
+import torch
+
+from shortcut import DiT, DiTConfig, dit_config, ema_update, pick_device, sample, seed_everything, shortcut_errors, step_sizes
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+# Per-dataset defaults for the flags left unset.
+DATASETS = {
+    "digits": dict(size=8, channels=1, classes=10, flip=False, model="XS", patch=2, batch_size=128,
+                   steps=3000, lr=1e-3, warmup=200, lr_schedule="cosine", n_samples=1000,
+                   save_every=1000),
+    "cifar10": dict(size=32, channels=3, classes=10, flip=True, model="B", patch=2, batch_size=256,
+                    steps=400_000, lr=1e-4, warmup=5000, lr_schedule="constant", n_samples=10_000,
+                    save_every=5000),
+    "celeba": dict(size=64, channels=3, classes=0, flip=True, model="B", patch=4, batch_size=64,
+                   steps=400_000, lr=1e-4, warmup=5000, lr_schedule="constant", n_samples=10_000,
+                   save_every=5000),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+################################################################################
+#                                     Data                                     #
+################################################################################
+
+def load_digits():
+    from sklearn.datasets import load_digits as sk_digits
+    d = sk_digits()
+    x = np.round(d.images * (255 / 16)).clip(0, 255).astype(np.uint8)[:, None]   # (1797, 1, 8, 8)
+    return x, d.target.astype(np.int64)
+
+
+def load_cifar10(data_dir, download=False):
+    """CIFAR-10's training set as uint8 (50000, 3, 32, 32) and int64 labels."""
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    if not os.path.isdir(folder) and not os.path.isfile(archive):
+        if not download:
+            raise UserError(f"no CIFAR-10 in {data_dir!r}: put cifar-10-python.tar.gz there "
+                            f"(from {CIFAR_URL}) or pass --download")
+        fetch(CIFAR_URL, archive, CIFAR_MD5)
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    try:
+        if os.path.isdir(folder):
+            batches = []
+            for n in names:
+                with open(os.path.join(folder, n), "rb") as f:
+                    batches.append(pickle.load(f, encoding="bytes"))
+        else:
+            with tarfile.open(archive, "r:gz") as tar:
+                batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="bytes")
+                           for n in names]
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)
+    except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError, tarfile.TarError) as e:
+        where = folder if os.path.isdir(folder) else archive
+        raise UserError(f"CIFAR-10 at {where!r} is corrupt or incomplete ({type(e).__name__}: {e}); "
+                        "delete it and fetch it again (--download)") from None
+    return x, y
+
+
+def fetch(url, path, md5):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url} ...", flush=True)
+    try:
+        urllib.request.urlretrieve(url, path + ".part")
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); fetch it by hand into {os.path.dirname(path)!r}") from None
+    check_md5(path + ".part", md5)
+    os.replace(path + ".part", path)
+
+
+def check_md5(path, md5):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != md5:
+        raise UserError(f"{path!r} has md5 {h.hexdigest()}, not the published {md5}: the download "
+                        "is corrupt; delete it and try again")
+
+
+def load_celeba(data_dir, size=64):
+    """Aligned CelebA JPEGs, center-cropped and resized to size x size, cached as .npy."""
+    from PIL import Image
+    cache = os.path.join(data_dir, f"celeba{size}.npy")
+    if os.path.isfile(cache):
+        return np.load(cache), None
+    files = sorted(f for f in os.listdir(data_dir) if f.lower().endswith((".jpg", ".jpeg", ".png"))) \
+        if os.path.isdir(data_dir) else []
+    if not files:
+        raise UserError(f"no CelebA images in {data_dir!r}: download img_align_celeba.zip from the "
+                        "CelebA page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html), unzip it and pass "
+                        "--data-dir path/to/img_align_celeba")
+    x = np.empty((len(files), 3, size, size), np.uint8)
+    t0 = time.time()
+    for i, name in enumerate(files):
+        try:
+            with Image.open(os.path.join(data_dir, name)) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = min(w, h)
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                x[i] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+        except OSError as e:
+            raise UserError(f"cannot read {name!r} in {data_dir!r} ({e}); remove it or re-extract the folder") from None
+        if i % 20000 == 0 and i:
+            print(f"  decoded {i}/{len(files)} images ({time.time() - t0:.0f}s)", flush=True)
+    np.save(cache + ".tmp.npy", x)
+    os.replace(cache + ".tmp.npy", cache)
+    return x, None
+
+
+def load_dataset(name, data_dir, download=False):
+    if name == "digits":
+        return load_digits()
+    if name == "cifar10":
+        return load_cifar10(data_dir, download)
+    return load_celeba(data_dir, DATASETS[name]["size"])
+
+
+def get_batch(data, labels, batch_size, flip):
+    """A random batch in [-1, 1], flipped on the device; torch's generator makes it resumable."""
+    idx = torch.randint(len(data), (batch_size,), device=data.device)
+    x = data[idx].float() / 127.5 - 1
+    if flip:
+        x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    return x, None if labels is None else labels[idx]
+
+
+################################################################################
+#                                  Checkpoints                                 #
+################################################################################
+
+def save_checkpoint(path, model, ema, opt, step, config):
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+             "step": step, "config": config, "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)      # atomic: an interrupted save leaves the old checkpoint
+
+
+def load_checkpoint(path, model_config):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path!r}; check the --resume path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        keys = {"model", "ema", "opt", "step", "config", "rng_cpu"}
+        if not isinstance(state, dict) or not keys <= state.keys():
+            raise ValueError(f"missing {sorted(keys - set(state)) if isinstance(state, dict) else keys}")
+    except Exception as e:
+        raise UserError(f"{path!r} is corrupt or not a shortcut checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); resume from another one or start afresh") from None
+    if state["config"]["model"] != model_config:
+        raise UserError(f"{path!r} holds model {state['config']['model']}, but the flags ask for "
+                        f"{model_config}; pass the same --dataset, --model and --patch as that run")
+    return state
+
+
+################################################################################
+#                                   Training                                   #
+################################################################################
+
+def lr_at(step, args):
+    """Linear warmup, then constant (the official schedule) or a cosine decay to 0 by --steps."""
+    warm = min(1.0, (step + 1) / max(args.warmup, 1))
+    if args.lr_schedule == "cosine":
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
+    return args.lr * warm
+
+
+def make_step(args, model, ema, opt, device, rank=0, world=1):
+    """One optimisation step on a global batch: step(x1, y, i) -> the tensor of
+    [fm error sum, sc error sum, fm rows, sc rows, non-finite flag] of this process's rows.
+
+    Nothing in it waits for the GPU. With --compile the forward and backward are compiled
+    together; AdamW is fused and the EMA is one foreach op, so they stay outside.
+    """
+    raw = model.module if world > 1 else model
+    teacher = ema if args.ema_teacher else raw       # no_grad queries skip the DDP wrapper
+    rows = slice(rank, None, world) if world > 1 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def forward_backward(x1, y):
+        with autocast:
+            err, n_sc = shortcut_errors(model, x1, y, teacher=teacher, bootstrap_frac=args.bootstrap_frac, rows=rows)
+        loss = err.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        e = err.detach()
+        counts = e.new_tensor([len(e) - n_sc, n_sc])
+        return torch.cat([torch.stack([e[n_sc:].sum(), e[:n_sc].sum()]), counts, (~torch.isfinite(loss)).float()[None]])
+
+    if args.compile and device.type == "mps":
+        print("--compile is skipped on mps", flush=True)
+    elif args.compile:
+        forward_backward = torch.compile(forward_backward)
+
+    def step(x1, y, i):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, args)
+        opt.zero_grad(set_to_none=True)
+        stats = forward_backward(x1, y)
+        opt.step()
+        ema_update(ema, raw, min(args.ema, (1 + i) / (10 + i)))
+        return stats
+    return step
+
+
+def drop_labels(y, p, null):
+    """Label dropout to the null class, for classifier-free guidance."""
+    return None if y is None else torch.where(torch.rand(len(y), device=y.device) < p, null, y)
+
+
+def train(args, model, ema, opt, data, labels, start_step, config, device, rank=0, world=1):
+    info = DATASETS[args.dataset]
+    step = make_step(args, model, ema, opt, device, rank, world)
+    raw = model.module if world > 1 else model
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    sums = torch.zeros(5, device=device)      # summed on the device: no sync per step
+    t0, last, done = time.time(), time.time(), 0
+    for i in range(start_step, args.steps):
+        # every process draws the same global batch and noise and computes its own rows
+        x1, y = get_batch(data, labels, args.batch_size, info["flip"])
+        sums += step(x1, drop_labels(y, args.label_dropout, info["classes"]), i)
+        done += 1
+        now = time.time()
+        saving = (i + 1) % args.save_every == 0 or i + 1 == args.steps
+        if now - last > args.log_every or saving:
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            fm_sum, sc_sum, n_fm, n_sc, bad = sums.tolist()
+            if bad:
+                raise TrainingDiverged(f"the loss became non-finite by step {i + 1}; the last good "
+                                       f"checkpoint is kept at {ckpt!r}; lower --lr or raise --warmup")
+            rate = done * args.batch_size / (now - t0)
+            if rank == 0:
+                print(f"step {i + 1:7d}/{args.steps}  fm {fm_sum / max(n_fm, 1):.4f}  sc {sc_sum / max(n_sc, 1):.4f}"
+                      f"  {rate:7.0f} img/s  ETA {fmt_time((args.steps - i - 1) * args.batch_size / rate)}", flush=True)
+            sums.zero_()
+            last = now
+        if saving and rank == 0:
+            save_checkpoint(ckpt, raw, ema, opt, i + 1, config)
+    if world > 1:
+        check_replicas(raw, world)
+
+
+def check_replicas(model, world):
+    """All processes must hold bit-identical weights: compare the elementwise max and min."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise RuntimeError("the DDP replicas drifted apart")
+    if torch.distributed.get_rank() == 0:
+        print(f"all {world} processes hold identical weights", flush=True)
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+def fmt_time(s):
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}min" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+################################################################################
+#                                  Evaluation                                  #
+################################################################################
+
+@torch.no_grad()
+def generate(model, x0, steps, y, cfg_scale, flow, batch_size, to_cpu=True):
+    """Samples in batches (bf16 on CUDA), mapped to [0, 1]: (n, C, H, W)."""
+    out = []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        for i in range(0, len(x0), batch_size):
+            yb = None if y is None else y[i:i + batch_size]
+            x = sample(model, x0[i:i + batch_size], steps, yb, cfg_scale, flow=flow).float()
+            out.append(x.cpu() if to_cpu else x)
+    return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fit to two feature sets (n, k)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return frechet_from_stats(mu_a, cov_a, mu_b, cov_b)
+
+
+def frechet_from_stats(mu_a, cov_a, mu_b, cov_b):
+    # tr sqrt(A B) = sum of the square roots of the eigenvalues of A B, which are real and >= 0.
+    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
+
+
+class DigitsJudge:
+    """A small MLP classifier fit once on the real digits; its hidden layer gives features."""
+
+    def __init__(self, cache):
+        if os.path.isfile(cache):
+            z = np.load(cache)
+            self.w = [z["w0"], z["b0"], z["w1"], z["b1"]]
+        else:
+            from sklearn.neural_network import MLPClassifier
+            x, y = load_digits()
+            clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0)
+            clf.fit(x.reshape(len(x), -1) / 255.0, y)
+            self.w = [clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1]]
+            os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+            np.savez(cache, w0=self.w[0], b0=self.w[1], w1=self.w[2], b1=self.w[3])
+
+    def features(self, x01):
+        return np.maximum(x01.reshape(len(x01), -1) @ self.w[0] + self.w[1], 0)
+
+    def predict(self, x01):
+        return (self.features(x01) @ self.w[2] + self.w[3]).argmax(1)
+
+
+def inception_features(x01, device, batch_size=200):
+    """pool3 features of the standard FID Inception network, or None without pytorch-fid."""
+    try:
+        from pytorch_fid.inception import InceptionV3
+    except ImportError:
+        return None
+    net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(x01), batch_size):
+            feats.append(net(torch.as_tensor(x01[i:i + batch_size], device=device).float())[0].flatten(1).cpu())
+    return torch.cat(feats).double().numpy()
+
+
+def reference_stats(args, data, device):
+    cache = os.path.join(args.data_dir, f"{args.dataset}_fid_stats.npz")
+    if os.path.isfile(cache):
+        z = np.load(cache)
+        return z["mu"], z["cov"]
+    n = min(len(data), 50_000)
+    print(f"computing FID reference statistics from {n} training images (cached in {cache}) ...", flush=True)
+    f = inception_features(data[:n].float() / 255, device)
+    mu, cov = f.mean(0), np.cov(f, rowvar=False)
+    np.savez(cache, mu=mu, cov=cov)
+    return mu, cov
+
+
+def save_grid(path, x01, nrow):
+    from PIL import Image
+    n, C, H, W = x01.shape
+    ncol = math.ceil(n / nrow)
+    grid = np.ones((C, nrow * (H + 1) + 1, ncol * (W + 1) + 1), np.float32)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = x01[i]
+    img = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    img = Image.fromarray(img[..., 0] if C == 1 else img)
+    scale = max(1, 256 // (nrow * (H + 1)))
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def evaluate(args, ema, data, device):
+    """Samples with N = 1, 2, 4, 8, 128 shortcut steps (and the flow sampler) from the same
+    noise; writes the grids, samples.npz and metrics.json; returns the metrics."""
+    info = DATASETS[args.dataset]
+    classes = info["classes"]
+    g = torch.Generator().manual_seed(args.seed + 1)
+    n = args.n_samples
+    x0 = torch.randn(n, info["channels"], info["size"], info["size"], generator=g).to(device)
+    y = (torch.arange(n) % classes).to(device) if classes else None
+    runs = [("shortcut", N) for N in args.eval_steps] + [("flow", N) for N in args.eval_steps if N < 128]
+    samples, t0 = {}, time.time()
+    for kind, N in runs:
+        samples[f"{kind}_{N}"] = generate(ema, x0, N, y, args.cfg_scale, kind == "flow", args.eval_batch_size)
+    print(f"sampled {n} images for each of {len(runs)} settings in {time.time() - t0:.1f}s "
+          "(flow_128 is shortcut_128: d = 0 is the finest level)", flush=True)
+
+    keep = min(n, 1000)
+    np.savez_compressed(os.path.join(args.out, "samples.npz"),
+                        labels=(y[:keep].cpu().numpy() if classes else np.zeros(0, np.int64)),
+                        **{k: v[:keep].numpy() for k, v in samples.items()})
+    rows = min(classes or 8, n)
+    per_row = max(1, min(10, n // rows))
+    order = torch.arange(rows * per_row).view(per_row, rows).T.flatten()   # sample i has class i % classes
+    for N in args.eval_steps:
+        save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"shortcut_{N}"][order].numpy(), nrow=rows)
+    cols = [samples[f"shortcut_{N}"][:rows] for N in args.eval_steps]
+    save_grid(os.path.join(args.out, "steps.png"),
+              torch.stack(cols, 1).flatten(0, 1).numpy(), nrow=rows)
+
+    metrics = {"dataset": args.dataset, "n_samples": n, "cfg_scale": args.cfg_scale}
+    if args.dataset == "digits":
+        judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz"))
+        real, _ = load_digits()
+        real = real.astype(np.float64) / 255
+        perm = np.random.default_rng(0).permutation(len(real))
+        ref, held = real[perm[:len(real) // 2]], real[perm[len(real) // 2:]]
+        f_ref = judge.features(ref)
+        m = len(held)          # the same sample size on both sides keeps the floor comparable
+        metrics["metric"] = "Frechet distance in digit-classifier features"
+        metrics["floor"] = frechet_distance(judge.features(held), f_ref)
+        for k, v in samples.items():
+            x = v.double().numpy()
+            metrics[k] = {"fd": frechet_distance(judge.features(x[:m]), f_ref),
+                          "accuracy": float((judge.predict(x) == y.cpu().numpy()).mean())}
+    else:
+        f = inception_features(samples["shortcut_1"][:1].numpy(), device)
+        if f is None:
+            print("FID skipped: pytorch-fid is not installed (pip install pytorch-fid)", flush=True)
+        else:
+            mu, cov = reference_stats(args, data, device)
+            metrics["metric"] = "FID (pytorch-fid Inception pool3) against the training set"
+            for k, v in samples.items():
+                f = inception_features(v.numpy(), device)
+                metrics[k] = {"fid": frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu, cov)}
+    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+    print_table(metrics)
+    return metrics
+
+
+def print_table(metrics):
+    keys = [k for k in metrics if k.startswith(("shortcut_", "flow_"))]
+    if not keys:
+        return
+    cols = list(metrics[keys[0]])
+    print(f"\n{metrics['metric']}" + (f" (floor, real vs real: {metrics['floor']:.3f})" if "floor" in metrics else ""))
+    print(f"  {'sampler':14s}" + "".join(f"{c:>10s}" for c in cols))
+    for k in keys:
+        print(f"  {k:14s}" + "".join(f"{metrics[k][c]:10.3f}" for c in cols))
+
+
+################################################################################
+#                                   Benchmark                                  #
+################################################################################
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device name.
+PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362),
+             ("L4", 121), ("A10", 125), ("4090", 165)]
+
+
+def dit_flops(model, n=1):
+    """Forward FLOPs of a DiT on n images: matmuls and attention, 2 per multiply-add.
+
+    With T = (img_size/patch)^2 tokens, C = width, P = patch^2 * channels, r = mlp_ratio and
+    F sinusoidal features: patchify 2TPC; per block qkv 6TC^2, attention (QK^T and AV) 4T^2C,
+    projection 2TC^2, MLP 4rTC^2 and adaLN 12C^2; final adaLN 4C^2 and linear 2TCP; the t
+    and d embedders 2(2FC + 2C^2). Norms, activations and adds are left out, as is usual.
+    """
+    c = model.cfg
+    T, C, P, F = (c.img_size // c.patch) ** 2, c.width, c.patch ** 2 * c.channels, 2 * len(model.cond.t_emb.freqs)
+    block = (8 + 4 * c.mlp_ratio) * T * C * C + 4 * T * T * C + 12 * C * C
+    return n * (2 * T * P * C + c.depth * block + 4 * C * C + 2 * T * C * P + 2 * (2 * F * C + 2 * C * C))
+
+
+def peak_tflops(device):
+    if device.type != "cuda":
+        return None, device.type
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None), name
+
+
+def timed(fn, warmup, reps, device):
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def benchmark(args, mcfg, device):
+    """Training and sampling speed on random data of the dataset's shape (no data loading)."""
+    info = DATASETS[args.dataset]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    shape = (4 * args.batch_size, info["channels"], info["size"], info["size"])
+    data = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
+    labels = torch.randint(max(info["classes"], 1), shape[:1], device=device, generator=g) if info["classes"] else None
+    peak, gpu = peak_tflops(device)
+    warmup = args.bench_warmup + (10 if args.compile else 0)
+    print(f"benchmark on {gpu}: DiT-{args.model}/{args.patch} at {info['size']}x{info['size']}x{info['channels']}, "
+          f"batch {args.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+          f"{', compiled' if args.compile else ''}, {args.bench_steps} timed steps after {warmup} warm-up; "
+          f"peak {peak or 'unknown'} TFLOP/s dense bf16")
+    print(f"  {'run':22s}{'img/s':>10s}{'ms/step':>10s}{'TFLOP/s':>10s}{'MFU':>8s}")
+    times = {}
+    for name, frac in (("flow matching (frac 0)", 0.0), (f"shortcut (frac {args.bootstrap_frac:g})", args.bootstrap_frac)):
+        model, ema, opt = build(args, mcfg, device)
+        step = make_step(argparse.Namespace(**{**vars(args), "bootstrap_frac": frac}), model, ema, opt, device)
+        it = iter(range(10 ** 9))
+        batch = lambda: get_batch(data, labels, args.batch_size, info["flip"])          # noqa: E731
+        dt = timed(lambda: step(*batch(), next(it)), warmup, args.bench_steps, device)
+        flops = 3 * dit_flops(model, args.batch_size) + 2 * dit_flops(model, round(frac * args.batch_size))
+        times[frac] = dt
+        mfu = f"{flops / dt / 1e12 / peak:7.1%}" if peak else "    n/a"
+        print(f"  {name:22s}{args.batch_size / dt:10.0f}{dt * 1e3:10.2f}{flops / dt / 1e12:10.3g} {mfu}")
+    print(f"  shortcut / flow-matching step time: {times[args.bootstrap_frac] / times[0.0]:.3f} "
+          f"(two extra forwards on the bootstrap rows: about {1 + 2 * args.bootstrap_frac / 3:.3f} in FLOPs)")
+    x0 = torch.randn(args.eval_batch_size, *shape[1:], device=device, generator=g)
+    y = labels[:args.eval_batch_size] if labels is not None else None
+    for N in (1, 128):
+        dt = timed(lambda: generate(ema, x0, N, y, args.cfg_scale, False, args.eval_batch_size, to_cpu=False),
+                   1, max(1, args.bench_steps // N), device)
+        print(f"  sampling, {N:3d} step{'s' if N > 1 else ' '}     {args.eval_batch_size / dt:10.0f} img/s "
+              f"(batch {args.eval_batch_size})")
+    return times
+
+
+################################################################################
+#                                     Main                                     #
+################################################################################
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="digits", help="digits (default), cifar10 or celeba")
+    a("--data-dir", default="data", help="where the data (and cached statistics) live (default: data)")
+    a("--download", action="store_true", help="fetch CIFAR-10 into --data-dir if it is not there, checking its md5")
+    a("--out", default="out/images", help="output folder (default: out/images)")
+    a("--model", default=None, help="DiT size: tiny, XS, S or B (default: XS for digits, B otherwise)")
+    a("--patch", type=int, default=None, help="patch size (default: 2; 4 for celeba)")
+    a("--steps", type=int, default=None, help="total training steps (default: 3000 for digits, 400k otherwise)")
+    a("--batch-size", type=int, default=None, help="batch size (default: 128 digits, 256 cifar10, 64 celeba)")
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3 digits, 1e-4 otherwise)")
+    a("--warmup", type=int, default=None, help="learning-rate warmup steps (default: 200 digits, 5000 otherwise)")
+    a("--lr-schedule", default=None, choices=["constant", "cosine"],
+      help="after warmup: constant (official) or cosine decay to 0 (default: cosine for digits, constant otherwise)")
+    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1, official)")
+    a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (default: 1.0)")
+    a("--ema", type=float, default=0.999, help="EMA decay (default: 0.999, official)")
+    a("--ema-teacher", action="store_true", help="bootstrap targets from the EMA weights (the official default)")
+    a("--bootstrap-frac", type=float, default=0.25, help="share of each batch with self-consistency targets; 0 trains the flow-matching baseline (default: 0.25)")
+    a("--label-dropout", type=float, default=0.1, help="probability of replacing a label by the null class (default: 0.1)")
+    a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale at sampling; 1 is none (default: 1)")
+    a("--eval-steps", default="1,2,4,8,128", help="comma-separated sampling step counts, each a power of two up to 128")
+    a("--n-samples", type=int, default=None, help="samples per step count for the metrics (default: 1000 digits, 10000 otherwise)")
+    a("--eval-batch-size", type=int, default=1000, help="batch size when sampling (default: 1000)")
+    a("--seed", type=int, default=0, help="random seed (default: 0)")
+    a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    a("--compile", action="store_true", help="torch.compile the training step (CUDA)")
+    a("--save-every", type=int, default=None, help="steps between checkpoints (default: 1000 digits, 5000 otherwise)")
+    a("--resume", default=None, help="continue from this checkpoint (to --steps in all)")
+    a("--sample-only", action="store_true", help="with --resume: write the grids and metrics without training")
+    a("--log-every", type=float, default=5.0, help="seconds between progress lines (default: 5)")
+    a("--benchmark", action="store_true", help="time training and sampling on random data of the dataset's "
+      "shape and print img/s, ms/step, TFLOP/s and MFU; trains nothing, writes nothing")
+    a("--bench-steps", type=int, default=20, help="timed steps in --benchmark (default: 20)")
+    a("--bench-warmup", type=int, default=3, help="untimed steps before timing, 10 more with --compile (default: 3)")
+    args = p.parse_args(argv)
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    for k, v in DATASETS[args.dataset].items():
+        if getattr(args, k, "absent") is None:
+            setattr(args, k, v)
+    try:
+        args.eval_steps = [int(s) for s in args.eval_steps.split(",")]
+        for N in args.eval_steps:
+            step_sizes(N)
+    except ValueError as e:
+        raise UserError(f"--eval-steps {args.eval_steps!r}: {e}") from None
+    for k in ("steps", "batch_size", "n_samples", "save_every", "eval_batch_size"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be at least 1")
+    if not 0 <= args.bootstrap_frac <= 1:
+        raise UserError("--bootstrap-frac must be in [0, 1]")
+    if args.sample_only and not args.resume:
+        raise UserError("--sample-only needs --resume PATH, the checkpoint to sample from")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return args
+
+
+def model_config(args):
+    info = DATASETS[args.dataset]
+    try:
+        cfg = dit_config(args.model, img_size=info["size"], channels=info["channels"],
+                         patch=args.patch, num_classes=info["classes"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return vars(cfg)
+
+
+def setup_distributed(device):
+    """Under torchrun: one process per GPU (NCCL) or per CPU worker (gloo). Returns rank, world, device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def build(args, mcfg, device):
+    model = DiT(DiTConfig(**mcfg)).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type in ("cuda", "cpu"))
+    return model, ema, opt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch: it must divide evenly "
+                        f"over the {world} processes")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seed_everything(args.seed)        # the same seed everywhere: processes draw the same global batch
+    mcfg = model_config(args)
+    if args.benchmark:
+        return benchmark(args, mcfg, device)
+    state = load_checkpoint(args.resume, mcfg) if args.resume else None
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    if state is None and os.path.isfile(ckpt):
+        raise UserError(f"{ckpt!r} exists; pass --resume {ckpt} to continue that run, or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    x, y = load_dataset(args.dataset, args.data_dir, args.download)
+    data = torch.as_tensor(x).to(device)
+    labels = None if y is None else torch.as_tensor(y).to(device)
+
+    model, ema, opt = build(args, mcfg, device)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state["rng_cuda"]:
+            torch.cuda.set_rng_state(state["rng_cuda"][0])
+        log(rank, f"resumed from {args.resume} at step {start}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(rank, f"{args.dataset}: {len(data)} images, DiT-{args.model}/{args.patch} ({n_params / 1e6:.2f}M params), "
+              f"device {device} x {world}, batch {args.batch_size}, bootstrap_frac {args.bootstrap_frac}")
+    config = {"model": mcfg, "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
+    t0 = time.time()
+    if not args.sample_only and start < args.steps:
+        ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        train(args, ddp, ema, opt, data, labels, start, config, device, rank, world)
+        log(rank, f"trained {args.steps - start} steps in {time.time() - t0:.1f}s")
+    metrics = None
+    if rank == 0:
+        metrics = evaluate(args, ema.eval(), data, device)
+        print(f"\ndone in {time.time() - t0:.1f}s; wrote checkpoint.pt, grid_N.png, steps.png, samples.npz "
+              f"and metrics.json to {args.out}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def log(rank, msg):
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
