@@ -534,8 +534,8 @@ def test_cli_errors_are_one_line_and_keep_checkpoints(tmp_path, data_dir, capsys
         (["--eval-steps", "1,3"], "power of two"),
         (["--out", str(out)], "exists; pass --resume"),
     ]
-    for flags, message in cases:
-        argv = TINY + ["--steps", "4", "--data-dir", data_dir] + flags
+    for i, (flags, message) in enumerate(cases):
+        argv = TINY + ["--steps", "4", "--data-dir", data_dir, "--out", str(tmp_path / f"case{i}")] + flags
         code, err = run_cli(argv, capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (flags, err)
         assert err.startswith("error:") and "Traceback" not in err

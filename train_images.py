@@ -44,14 +44,11 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Per-dataset defaults for the flags left unset.
 DATASETS = {
     "digits": dict(size=8, channels=1, classes=10, flip=False, model="XS", patch=2, batch_size=128,
-                   steps=3000, lr=1e-3, warmup=200, lr_schedule="cosine", n_samples=1000,
-                   save_every=1000),
+                   steps=3000, lr=1e-3, warmup=200, n_samples=1000, save_every=1000),
     "cifar10": dict(size=32, channels=3, classes=10, flip=True, model="B", patch=2, batch_size=256,
-                    steps=400_000, lr=1e-4, warmup=5000, lr_schedule="constant", n_samples=10_000,
-                    save_every=5000),
+                    steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000, save_every=5000),
     "celeba": dict(size=64, channels=3, classes=0, flip=True, model="B", patch=4, batch_size=64,
-                   steps=400_000, lr=1e-4, warmup=5000, lr_schedule="constant", n_samples=10_000,
-                   save_every=5000),
+                   steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000, save_every=5000),
 }
 
 
@@ -309,6 +306,11 @@ def fmt_time(s):
 #                                  Evaluation                                  #
 ################################################################################
 
+def sampler_model(ema, args):
+    """The EMA model, compiled for sampling under --compile (one graph per batch shape)."""
+    return torch.compile(ema) if args.compile and args.device.type == "cuda" else ema
+
+
 @torch.no_grad()
 def generate(model, x0, steps, y, cfg_scale, flow, batch_size, to_cpu=True):
     """Samples in batches (bf16 on CUDA), mapped to [0, 1]: (n, C, H, W)."""
@@ -394,7 +396,7 @@ def save_grid(path, x01, nrow):
         grid[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = x01[i]
     img = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
     img = Image.fromarray(img[..., 0] if C == 1 else img)
-    scale = max(1, 256 // (nrow * (H + 1)))
+    scale = max(1, 512 // max(img.height, img.width))
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
@@ -408,9 +410,9 @@ def evaluate(args, ema, data, device):
     x0 = torch.randn(n, info["channels"], info["size"], info["size"], generator=g).to(device)
     y = (torch.arange(n) % classes).to(device) if classes else None
     runs = [("shortcut", N) for N in args.eval_steps] + [("flow", N) for N in args.eval_steps if N < 128]
-    samples, t0 = {}, time.time()
+    samples, t0, model = {}, time.time(), sampler_model(ema, args)
     for kind, N in runs:
-        samples[f"{kind}_{N}"] = generate(ema, x0, N, y, args.cfg_scale, kind == "flow", args.eval_batch_size)
+        samples[f"{kind}_{N}"] = generate(model, x0, N, y, args.cfg_scale, kind == "flow", args.eval_batch_size)
     print(f"sampled {n} images for each of {len(runs)} settings in {time.time() - t0:.1f}s "
           "(flow_128 is shortcut_128: d = 0 is the finest level)", flush=True)
 
@@ -540,9 +542,10 @@ def benchmark(args, mcfg, device):
           f"(two extra forwards on the bootstrap rows: about {1 + 2 * args.bootstrap_frac / 3:.3f} in FLOPs)")
     x0 = torch.randn(args.eval_batch_size, *shape[1:], device=device, generator=g)
     y = labels[:args.eval_batch_size] if labels is not None else None
+    model = sampler_model(ema.eval(), args)
     for N in (1, 128):
-        dt = timed(lambda: generate(ema, x0, N, y, args.cfg_scale, False, args.eval_batch_size, to_cpu=False),
-                   1, max(1, args.bench_steps // N), device)
+        dt = timed(lambda: generate(model, x0, N, y, args.cfg_scale, False, args.eval_batch_size, to_cpu=False),
+                   int(N == 1), max(1, args.bench_steps // N), device)      # N = 1 warms up for both
         print(f"  sampling, {N:3d} step{'s' if N > 1 else ' '}     {args.eval_batch_size / dt:10.0f} img/s "
               f"(batch {args.eval_batch_size})")
     return times
@@ -565,8 +568,8 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=None, help="batch size (default: 128 digits, 256 cifar10, 64 celeba)")
     a("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3 digits, 1e-4 otherwise)")
     a("--warmup", type=int, default=None, help="learning-rate warmup steps (default: 200 digits, 5000 otherwise)")
-    a("--lr-schedule", default=None, choices=["constant", "cosine"],
-      help="after warmup: constant (official) or cosine decay to 0 (default: cosine for digits, constant otherwise)")
+    a("--lr-schedule", default="constant", choices=["constant", "cosine"],
+      help="after warmup: constant (official, default) or cosine decay to 0 by --steps; resuming a cosine run stays exact only with the same --steps")
     a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1, official)")
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (default: 1.0)")
     a("--ema", type=float, default=0.999, help="EMA decay (default: 0.999, official)")
@@ -690,7 +693,8 @@ def main(argv=None):
     metrics = None
     if rank == 0:
         metrics = evaluate(args, ema.eval(), data, device)
-        print(f"\ndone in {time.time() - t0:.1f}s; wrote checkpoint.pt, grid_N.png, steps.png, samples.npz "
+        wrote = "" if args.sample_only else "checkpoint.pt, "
+        print(f"\ndone in {time.time() - t0:.1f}s; wrote {wrote}grid_N.png, steps.png, samples.npz "
               f"and metrics.json to {args.out}")
     if world > 1:
         torch.distributed.barrier()
