@@ -59,6 +59,7 @@ Departs:
 * Classifier-free guidance inside bootstrap targets (official, ImageNet only) is not
   done; guidance is applied at sampling time only.
 """
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -284,7 +285,7 @@ class DiT(nn.Module):
 #                                    Losses                                    #
 ################################################################################
 
-def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0):
+def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, **ablations):
     """The shortcut objective (eqs. 4-5) on a batch of data x1; returns (loss, info).
 
     The first round(bootstrap_frac * B) rows get self-consistency targets and the rest
@@ -292,23 +293,32 @@ def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=
     from `teacher` (an EMA copy, say) or else from `model`, under no_grad. `loss` is the
     MSE over every element of the batch; info holds each part's MSE as a float ('fm' and
     'sc', nan for an empty part). clip bounds the bootstrap targets and the intermediate
-    point (None: no clipping).
+    point (None: no clipping). The ablations, for the exercises, are those of shortcut_errors.
     """
-    err, n_sc = shortcut_errors(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac, clip=clip)
+    err, n_sc = shortcut_errors(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac, clip=clip,
+                                **ablations)
     info = {"fm": err[n_sc:].mean().item() if n_sc < len(err) else float("nan"),
             "sc": err[:n_sc].mean().item() if n_sc else float("nan")}
     return err.mean(), info
 
 
-def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, rows=None):
+def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, rows=None,
+                    grounded=True, stop_grad=True, d_sampling="dyadic"):
     """The per-sample squared errors of shortcut_loss, and n_sc: rows [:n_sc] are the
     self-consistency part. A training loop that must not wait on the GPU uses this directly.
 
     rows (a slice) is for data parallelism: every process draws the randomness of the whole
     batch x1 alike and computes only its rows, so P processes reproduce one exactly.
+    Ablations for the exercises (docs/EXERCISES.md); the defaults are the method:
+      grounded=False  no target at 2d = 1/64, so the level d = 1/64 is never supervised and
+                      the 1/32 targets are built on it;
+      stop_grad=False gradients flow through the targets as well;
+      d_sampling="uniform"  2d ~ U[1/64, 1] and t ~ U[0, 1 - 2d] instead of the dyadic grid.
     """
     if not 0.0 <= bootstrap_frac <= 1.0:
         raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
+    if d_sampling not in ("dyadic", "uniform"):
+        raise ValueError(f"d_sampling must be 'dyadic' or 'uniform', got {d_sampling!r}")
     if y is not None and y.shape != x1.shape[:1]:
         raise ValueError(f"y must have shape ({x1.shape[0]},), got {tuple(y.shape)}")
     teacher = model if teacher is None else teacher
@@ -319,9 +329,13 @@ def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cli
 
     # Self-consistency rows: the big step 2d = 2^-k, levels spread evenly over the rows;
     # t on the grid of multiples of 2d so that t + 2d <= 1. Flow-matching rows: d = 0.
-    k = (torch.arange(n_sc, device=dev) + torch.randint(LEVELS, (1,), device=dev)) % LEVELS
+    levels = LEVELS if grounded else LEVELS - 1
+    k = (torch.arange(n_sc, device=dev) + torch.randint(levels, (1,), device=dev)) % levels
     d2 = 0.5 ** k.float()
     t_sc = torch.floor(torch.rand(n_sc, device=dev) * 2.0 ** k) * d2
+    if d_sampling == "uniform":
+        d2 = 2 / MAX_STEPS + (1 - 2 / MAX_STEPS) * torch.rand(n_sc, device=dev)
+        t_sc = torch.rand(n_sc, device=dev) * (1 - d2)
     t = torch.cat([t_sc, torch.rand(B - n_sc, device=dev)])
     d_query = torch.cat([d2, torch.zeros(B - n_sc, device=dev)])
     if rows is not None:      # the SC rows stay first: a slice keeps the order
@@ -335,7 +349,7 @@ def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cli
     if n_sc:
         x_sc, t_sc, d = x_t[:n_sc], t[:n_sc], d_query[:n_sc] / 2
         y_sc, db = None if y is None else y[:n_sc], d.view((-1,) + bshape[1:])
-        with torch.no_grad():                                      # sg[.] of eq. 5
+        with torch.no_grad() if stop_grad else contextlib.nullcontext():      # sg[.] of eq. 5
             s1 = teacher(x_sc, t_sc, d, y_sc)
             x_mid = _clip(x_sc + db * s1, clip)
             s2 = teacher(x_mid, t_sc + d, d, y_sc)

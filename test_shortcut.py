@@ -353,14 +353,14 @@ def test_short_training_shortcut_beats_flow_at_one_step():
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
     dist = {}
     for name, frac in (("shortcut", 0.25), ("flow", 0.0)):
-        model = toy.train(name, data, args, frac, torch.device("cpu"))
+        model, _ = toy.train(name, data, args, frac, torch.device("cpu"))
         dist[name] = toy.sliced_w2(S.sample(model, x0, 1, flow=frac == 0).numpy(), fresh)
     assert dist["shortcut"] < 0.25 * dist["flow"], dist
 
 
 def test_toy_script_writes_its_outputs(tmp_path):
     metrics = toy.main(["--steps", "30", "--n-samples", "2000", "--width", "32", "--out", str(tmp_path)])
-    for f in ("samples.png", "trajectories.png", "exact.png", "samples.npz", "metrics.json"):
+    for f in ("samples.png", "trajectories.png", "losses.png", "exact.png", "samples.npz", "metrics.json"):
         assert (tmp_path / f).stat().st_size > 0
     npz = np.load(tmp_path / "samples.npz")
     assert npz["data"].shape == (2000, 2)
@@ -601,3 +601,101 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
     a, b = weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "two" / "checkpoint.pt")
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5)
+
+
+################################################################################
+#        The exercises (docs/EXERCISES.md): each predicted outcome, checked     #
+################################################################################
+
+@pytest.fixture(scope="module")
+def ring_paths():
+    return toy.true_paths(toy.ring(), n=256)
+
+
+def quick_train(*flags, frac=0.25, steps=400):
+    args = toy.parse_args(["--steps", str(steps), "--batch-size", "256", "--width", "64", "--log-every", "100", *flags])
+    data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
+    model, log = toy.train("test", data, args, frac, torch.device("cpu"))
+    return model, log
+
+
+def one_step_w2(model, flow=False):
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    return toy.sliced_w2(S.sample(model, x0, 1, flow=flow).numpy(), toy.sample_data("ring", 2000, np.random.default_rng(5)))
+
+
+def test_exercise_2_one_flow_step_lands_on_the_data_mean():
+    gm = toy.skewed_mixture()
+    x0 = torch.randn(300, 2, dtype=torch.float64)
+    mean = (gm.pi[:, None] * gm.mu).sum(0)
+    x1 = S.sample(CoarseExact(gm), x0, 1, flow=True)             # x0 + v(x0, 0) = E[x1]
+    torch.testing.assert_close(x1, mean.expand_as(x1), rtol=0, atol=1e-12)
+    model, _ = quick_train(frac=0.0)                             # and a trained baseline collapses
+    x1 = S.sample(model, torch.randn(2000, 2), 1, flow=True)
+    assert x1.std(0).max() < 0.2 * toy.sample_data("ring", 2000, np.random.default_rng(0)).std(0).min()
+
+
+def test_exercise_3_without_flow_matching_nothing_is_learned():
+    """bootstrap_frac=1: no ground at all. From the zero init every target is 0, so the loss is
+    exactly 0, no gradient flows, and the model still outputs 0 after training."""
+    model, log = quick_train(frac=1.0, steps=50)
+    assert max(log["sc"]) == 0.0 and all(math.isnan(v) for v in log["fm"])
+    x, t, d = torch.randn(100, 2), torch.rand(100), 0.5 ** torch.randint(0, 8, (100,)).float()
+    assert torch.all(model(x, t, d) == 0)
+    x0 = torch.randn(100, 2)
+    torch.testing.assert_close(S.sample(model, x0, 1), x0)
+
+
+def test_exercise_3_a_missing_level_is_interpolated_by_its_neighbours(ring_paths):
+    """--ungrounded drops the 2d = 1/64 targets. Measured: the smooth level embedding fills
+    the unsupervised level d = 1/64 in from levels 1/32 and 1/128, so the harm is small."""
+    grounded, _ = quick_train()
+    ungrounded, _ = quick_train("--ungrounded")
+    good, bad = toy.exact_errors(grounded, ring_paths), toy.exact_errors(ungrounded, ring_paths)
+    assert all(bad[n] < 1.5 * good[n] for n in toy.STEP_COUNTS), (good, bad)
+
+
+def test_exercise_4_without_stop_gradient_the_targets_carry_gradient():
+    def grads(stop_grad, frac=0.5):
+        torch.manual_seed(0)
+        model = S.MLP(width=32)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        torch.manual_seed(1)
+        loss, _ = S.shortcut_loss(model, torch.randn(64, 2), bootstrap_frac=frac, stop_grad=stop_grad)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert not torch.allclose(grads(True), grads(False))
+    torch.testing.assert_close(grads(True, frac=0.0), grads(False, frac=0.0))   # no targets, no difference
+
+
+def test_exercise_5_a_larger_bootstrap_fraction_gives_a_better_one_step(tmp_path):
+    small, _ = quick_train(frac=1 / 16)
+    large, _ = quick_train(frac=1 / 2)
+    assert one_step_w2(small) > one_step_w2(large)
+    dist = toy.main(["--sweep", "bootstrap-frac", "--steps", "20", "--width", "16", "--n-samples", "500",
+                     "--out", str(tmp_path)])
+    assert sorted(dist) == [1 / 16, 1 / 8, 1 / 4, 1 / 2]
+    assert (tmp_path / "sweep_bootstrap_frac.png").stat().st_size > 0 and (tmp_path / "sweep.json").exists()
+
+
+def test_exercise_6_uniform_d_gives_a_one_step_sampler_but_a_worse_one():
+    uniform, _ = quick_train("--d-sampling", "uniform")
+    dyadic, _ = quick_train()
+    flow, _ = quick_train(frac=0.0)
+    assert one_step_w2(dyadic) < one_step_w2(uniform) < 0.5 * one_step_w2(flow, flow=True)
+
+
+def test_exercise_7_the_exact_error_falls_with_training_at_every_d(ring_paths):
+    args = toy.parse_args(["--steps", "400", "--batch-size", "256", "--width", "64", "--track-exact", "200"])
+    data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
+    _, log = toy.train("test", data, args, 0.25, torch.device("cpu"), track=lambda m: toy.exact_errors(m, ring_paths))
+    first, last = log["exact"][1], log["exact"][400]
+    assert set(log["exact"]) == {1, 200, 400}
+    assert all(last[n] < 0.75 * first[n] for n in toy.STEP_COUNTS), (first, last)
+
+
+def test_exercise_8_a_slow_ema_teacher_lags_in_a_short_run():
+    online, _ = quick_train()
+    ema, _ = quick_train("--teacher", "ema")                     # decay 0.999: a horizon of ~1000 steps
+    assert one_step_w2(ema) > 1.5 * one_step_w2(online)

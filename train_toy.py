@@ -7,12 +7,17 @@ Trains a shortcut model and a flow-matching baseline (bootstrap_frac=0) with the
 network, budget and seed, then writes to --out:
   samples.png      one row per model, one column per step count, plus the data
   trajectories.png sample paths at 1, 4 and 128 steps
+  losses.png       the flow-matching and self-consistency parts of the loss during training
   exact.png        (Gaussian mixtures) the learned shortcut against the exact jump
                    (Phi_{t->t+d}(x) - x)/d of the true flow map, for each d
   samples.npz      data, shortcut_N and flow_N for N = 1 .. 128, from the same noise
   metrics.json     sliced Wasserstein-2 distance to fresh data per N, and its floor
+
+The ablation flags (--ungrounded, --no-stop-grad, --d-sampling, --teacher, --track-exact,
+--sweep) serve the exercises in docs/EXERCISES.md.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -21,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from shortcut import MAX_STEPS, MLP, pick_device, sample, seed_everything, shortcut_loss
+from shortcut import MAX_STEPS, MLP, ema_update, pick_device, sample, seed_everything, shortcut_loss
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -157,32 +162,43 @@ def sliced_w2(a, b, n_proj=512, seed=0):
 #                                   Training                                   #
 ################################################################################
 
-def train(name, data, args, bootstrap_frac, device):
-    """Trains one MLP shortcut model. The learning rate decays to 0, so no EMA is needed."""
+def train(name, data, args, bootstrap_frac, device, track=None):
+    """Trains one MLP shortcut model; returns it and its log (losses per step, and the
+    exact errors every --track-exact steps when `track` is given). The learning rate decays
+    to 0, so the model itself is sampled; --teacher ema keeps an EMA only as the teacher."""
     seed_everything(args.seed)
     model = MLP(width=args.width, depth=args.depth).to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False) if args.teacher == "ema" else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / args.steps)))
+    ablations = dict(grounded=not args.ungrounded, stop_grad=not args.no_stop_grad, d_sampling=args.d_sampling)
     data = torch.as_tensor(data, device=device)
+    log = {"fm": [], "sc": [], "exact": {}}
     t0 = last = time.time()
     for step in range(1, args.steps + 1):
         x1 = data[torch.randint(len(data), (args.batch_size,), device=device)]
-        loss, info = shortcut_loss(model, x1, bootstrap_frac=bootstrap_frac)
+        loss, info = shortcut_loss(model, x1, teacher=teacher, bootstrap_frac=bootstrap_frac, **ablations)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if teacher is not None:
+            ema_update(teacher, model, args.ema_decay)
         if not math.isfinite(loss.item()):
-            raise SystemExit(f"{name}: the loss became {loss.item()} at step {step}; "
-                             "try a lower --lr")
+            raise SystemExit(f"{name}: the loss became {loss.item()} at step {step}; try a lower --lr")
+        log["fm"].append(info["fm"])
+        log["sc"].append(info["sc"])
+        if track is not None and (step % args.track_exact == 0 or step == 1):
+            log["exact"][step] = track(model)
         now = time.time()
         if now - last > args.log_every or step == args.steps:
             rate = step / (now - t0)
             print(f"  {name:9s} step {step:6d}/{args.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
                   f"  {rate:6.0f} it/s  ETA {(args.steps - step) / rate:5.1f}s", flush=True)
             last = now
-    return model.eval()
+    log["seconds"] = time.time() - t0
+    return model.eval(), log
 
 
 ################################################################################
@@ -229,31 +245,31 @@ def plot_trajectories(path, data, trajectories, counts, n_paths=250):
     plt.close(fig)
 
 
-def exact_errors(models, gm, n=512, seed=0):
-    """RMS error of each model's s(x_t, t, d) against the exact jump, for each d.
-
-    One fine RK4 integration of n noise points records the true paths at every multiple
-    of 1/128. Points on true paths follow the true marginals, so for every d = 1/N the
-    pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... give inputs and exact jumps (x_{t+d}-x_t)/d
-    at once. The flow baseline is queried at d = 0: its only answer is v.
-    Also returns the noise x0 and its exact image Phi_{0->1}(x0).
-    """
+def true_paths(gm, n=512, seed=0):
+    """n noise points carried along the exact flow by fine RK4, recorded at every multiple
+    of 1/128: (129, n, 2). Points on true paths follow the true marginals p_t."""
     x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     path = [x]
     for i in range(MAX_STEPS):
         path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
-    path = torch.stack(path)                                       # (129, n, 2)
-    errors = {name: {} for name in models}
+    return torch.stack(path)
+
+
+@torch.no_grad()
+def exact_errors(model, path, velocity_only=False):
+    """RMS error of s(x_t, t, d) against the exact jump (x_{t+d} - x_t)/d, for each d = 1/N.
+
+    The pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... along the true paths give inputs and exact
+    jumps for every d at once. velocity_only queries d = 0 (the flow baseline's only answer).
+    """
+    n, errors = path.shape[1], {}
     for n_steps in STEP_COUNTS:
         stride, d = MAX_STEPS // n_steps, 1.0 / n_steps
         x_t, x_next = path[:-1:stride].reshape(-1, 2), path[stride::stride].reshape(-1, 2)
         t = torch.arange(n_steps).repeat_interleave(n) * d
-        for name, model in models.items():
-            with torch.no_grad():
-                pred = model(x_t.float(), t.float(), torch.full_like(t, 0.0 if name == "flow" else d))
-            err = pred.double() - (x_next - x_t) / d
-            errors[name][n_steps] = float(err.pow(2).sum(1).mean().sqrt())
-    return errors, (path[0].float(), path[-1].float())
+        pred = model(x_t.float(), t.float(), torch.full_like(t, 0.0 if velocity_only else d))
+        errors[n_steps] = float((pred.double() - (x_next - x_t) / d).pow(2).sum(1).mean().sqrt())
+    return errors
 
 
 def plot_exact(path, errors, models, one_step, n_points=300):
@@ -282,6 +298,39 @@ def plot_exact(path, errors, models, one_step, n_points=300):
     plt.close(fig)
 
 
+def plot_losses(path, logs, window=50):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, (name, log) in enumerate(logs.items()):
+        for ax, part in zip(axes, ("fm", "sc")):
+            v = np.asarray(log[part])
+            window = min(window, max(1, len(v) // 5))
+            kernel = np.ones(window) / window
+            if (v > 0).any():          # nan (an empty part) and all-zero parts have no log plot
+                ax.plot(np.arange(window, len(v) + 1), np.convolve(v, kernel, "valid"), color=f"C{i}", label=name)
+    for ax, title in zip(axes, ("flow-matching part", "self-consistency part")):
+        ax.set(yscale="log", xlabel="training step", title=f"{title} (running mean)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_exact_training(path, history):
+    """The exact error of s(x_t, t, d) against training steps, one line per d."""
+    import matplotlib.pyplot as plt
+    steps = sorted(history)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, n in enumerate(STEP_COUNTS):
+        ax.plot(steps, [history[s][n] for s in steps], color=plt.cm.viridis(i / 7), label=f"d = 1/{n}")
+    ax.set(xlabel="training step", ylabel="RMS error vs exact jump", yscale="log",
+           title="learning the shortcut at each step size")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 ################################################################################
 #                                     Main                                     #
 ################################################################################
@@ -303,6 +352,21 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu; the toy is too small to gain from a GPU)")
     p.add_argument("--out", default="out/toy", help="output folder (default: out/toy)")
     p.add_argument("--log-every", type=float, default=3.0, help="seconds between progress lines (default: 3)")
+    e = p.add_argument_group("ablations for the exercises (docs/EXERCISES.md); the defaults are the method")
+    e.add_argument("--ungrounded", action="store_true",
+                   help="drop the 2d = 1/64 targets, so the level d = 1/64 is never supervised")
+    e.add_argument("--no-stop-grad", action="store_true", help="let gradients flow through the targets")
+    e.add_argument("--d-sampling", default="dyadic", choices=["dyadic", "uniform"],
+                   help="dyadic: 2d in {1, ..., 1/64}, t on its grid (default); uniform: 2d ~ U[1/64, 1], any t")
+    e.add_argument("--teacher", default="online", choices=["online", "ema"],
+                   help="targets from the model itself (default) or from an EMA copy (the official default)")
+    e.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of --teacher ema (default: 0.999)")
+    e.add_argument("--track-exact", type=int, default=0, metavar="K",
+                   help="every K steps, measure the shortcut's error against the exact flow (mixtures) "
+                        "and draw exact_training.png")
+    e.add_argument("--sweep", choices=["bootstrap-frac"],
+                   help="train shortcut models at bootstrap fractions 1/16, 1/8, 1/4, 1/2 and draw "
+                        "sweep_bootstrap_frac.png instead of the usual run")
     args = p.parse_args(argv)
     for flag in ("steps", "batch_size", "n_samples", "width", "depth"):
         if getattr(args, flag) < 1:
@@ -316,6 +380,43 @@ def parse_args(argv=None):
     return args
 
 
+def sample_all(models, x0):
+    """Samples and trajectories of each model for every N, from the same noise x0."""
+    samples, trajectories = {m: {} for m in models}, {m: {} for m in models}
+    for name, model in models.items():
+        for n in STEP_COUNTS:
+            x1, traj = sample(model, x0, n, flow=name == "flow", trajectory=True)
+            samples[name][n], trajectories[name][n] = x1.numpy(), traj.numpy()
+    return samples, trajectories
+
+
+def sweep(args, train_data, data, x0):
+    """Exercise 5: the 1-step and 128-step distance against the bootstrap fraction."""
+    import matplotlib.pyplot as plt
+    fracs = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
+    dist = {}
+    for frac in fracs:
+        model, _ = train(f"frac {frac:g}", train_data, args, frac, args.device)
+        dist[frac] = {n: sliced_w2(sample(model.cpu(), x0, n).numpy(), data) for n in (1, 128)}
+    print("\nbootstrap fraction   SW2, 1 step   SW2, 128 steps")
+    for frac in fracs:
+        print(f"  {frac:16.4f}  {dist[frac][1]:12.4f}  {dist[frac][128]:14.4f}")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n in (1, 128):
+        ax.plot(fracs, [dist[f][n] for f in fracs], "o-", label=f"{n} step{'s' * (n > 1)}")
+    ax.axhline(sliced_w2(data, sample_data(args.dataset, len(data), np.random.default_rng(args.seed + 7))),
+               color="0.6", ls="--", label="floor (data vs data)")
+    ax.set(xscale="log", xlabel="bootstrap fraction", ylabel="sliced W2 to data", title="sweep of bootstrap_frac")
+    ax.set_xticks(fracs, ["1/16", "1/8", "1/4", "1/2"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "sweep_bootstrap_frac.png"), dpi=110)
+    plt.close(fig)
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump({str(k): v for k, v in dist.items()}, f, indent=2)
+    return dist
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -323,44 +424,52 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     train_data = sample_data(args.dataset, 100_000, rng)
     data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
-
-    print(f"training on {args.dataset}: {args.steps} steps, batch {args.batch_size}, device {args.device}")
-    models = {"shortcut": train("shortcut", train_data, args, args.bootstrap_frac, args.device),
-              "flow": train("flow", train_data, args, 0.0, args.device)}
-    models = {k: m.cpu() for k, m in models.items()}
-
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(args.seed + 1))
-    samples, trajectories = {m: {} for m in models}, {m: {} for m in models}
-    for name, model in models.items():
-        for n in STEP_COUNTS:
-            x1, traj = sample(model, x0, n, flow=name == "flow", trajectory=True)
-            samples[name][n], trajectories[name][n] = x1.numpy(), traj.numpy()
+    print(f"training on {args.dataset}: {args.steps} steps, batch {args.batch_size}, device {args.device}")
+    if args.sweep:
+        return sweep(args, train_data, data, x0)
+
+    gm = MIXTURES[args.dataset]() if args.dataset in MIXTURES else None
+    path = true_paths(gm) if gm is not None else None
+    track = (lambda m: exact_errors(m, path)) if args.track_exact and path is not None else None
+    trained = {"shortcut": train("shortcut", train_data, args, args.bootstrap_frac, args.device, track),
+               "flow": train("flow", train_data, args, 0.0, args.device)}
+    models = {k: m.cpu() for k, (m, _) in trained.items()}
+    logs = {k: log for k, (_, log) in trained.items()}
+    samples, trajectories = sample_all(models, x0)
 
     floor = sliced_w2(data, data_b)
     metrics = {"dataset": args.dataset, "metric": "sliced W2 to fresh data", "floor": floor,
-               **{name: {n: sliced_w2(samples[name][n], data) for n in STEP_COUNTS} for name in models}}
+               **{name: {n: sliced_w2(samples[name][n], data) for n in STEP_COUNTS} for name in models},
+               "train_seconds": {k: log["seconds"] for k, log in logs.items()}}
     print(f"\nsliced W2 to {args.n_samples} fresh points (floor, data vs data: {floor:.4f})")
     print("  steps " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
     for name in models:
         print(f"  {name:8s}" + "".join(f"{metrics[name][n]:9.4f}" for n in STEP_COUNTS))
 
+    written = ["samples.png", "trajectories.png", "losses.png"]
     plot_samples(os.path.join(args.out, "samples.png"), data, samples, [1, 2, 4, 8, 128])
     plot_trajectories(os.path.join(args.out, "trajectories.png"), data, trajectories, [1, 4, 128])
-    if args.dataset in MIXTURES:
-        errors, one_step = exact_errors(models, MIXTURES[args.dataset]())
+    plot_losses(os.path.join(args.out, "losses.png"), logs)
+    if gm is not None:
+        errors = {name: exact_errors(model, path, velocity_only=name == "flow") for name, model in models.items()}
         metrics["exact_rms_error"] = errors
         print("\nRMS error of s(x_t, t, d) against the exact jump (Phi_{t->t+d}(x_t) - x_t)/d")
         print("  d     " + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
         for name in models:
             print(f"  {name:8s}" + "".join(f"{errors[name][n]:9.4f}" for n in STEP_COUNTS))
-        plot_exact(os.path.join(args.out, "exact.png"), errors, models, one_step)
+        plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()))
+        written.append("exact.png")
+        if track is not None:
+            metrics["exact_during_training"] = logs["shortcut"]["exact"]
+            plot_exact_training(os.path.join(args.out, "exact_training.png"), logs["shortcut"]["exact"])
+            written.append("exact_training.png")
 
     np.savez_compressed(os.path.join(args.out, "samples.npz"), data=data,
                         **{f"{name}_{n}": samples[name][n] for name in models for n in STEP_COUNTS})
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"\ndone in {time.time() - start:.1f}s; wrote samples.png, trajectories.png"
-          f"{', exact.png' if args.dataset in MIXTURES else ''}, samples.npz, metrics.json to {args.out}")
+    print(f"\ndone in {time.time() - start:.1f}s; wrote {', '.join(written)}, samples.npz, metrics.json to {args.out}")
     return metrics
 
 
