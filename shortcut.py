@@ -25,8 +25,8 @@ Self-consistency (eq. 5). One jump of 2d equals two jumps of d:
 
 for 2d in {1, 1/2, ..., 1/64} and t on the grid of multiples of 2d, where sg is the
 stop-gradient. The recursion is grounded: the finest target (2d = 1/64) is built from
-two queries at d = 1/128, the flow-matching level. A level that no target reaches
-drifts, and every coarser level built on it drifts with it.
+two queries at d = 1/128, the flow-matching level. Eq. 5 alone is satisfied by trivial
+maps such as s = 0; flow matching is what ties the chain of levels to the data.
 
 Sampling. N = 2^k Euler steps of size d = 1/N, each told its d: x <- x + d s(x, t, d).
 N = 1 is a single forward pass.

@@ -52,25 +52,13 @@ def gaussian_as_mixture(mu, s):
     return toy.GaussianMixture([1.0], [mu], [s ** 2 * np.eye(len(mu))])
 
 
-class CoarseExact(toy.ExactShortcut):
-    """ExactShortcut on an RK4 grid of 1/128: coarse, but the discrete flow is still a
-    semigroup on its grid, so the identities below hold to rounding and the tests stay fast."""
-
-    def forward(self, x, t, d, y=None):
-        out = torch.empty_like(x, dtype=torch.float64)
-        for dv in torch.unique(d).tolist():
-            rows = d == dv
-            xr, tr = x[rows], t[rows]
-            out[rows] = (self.gm.velocity(xr, tr) if dv == 0 else
-                         (self.gm.flow_map(xr, tr, dv, h=1 / 128) - xr.double()) / dv)
-        return out.to(x.dtype)
-
-
 MU, SCALE = [0.7, -1.2], 0.6
 
 
 def exact_models():
-    return {"gaussian": GaussianShortcut(MU, SCALE), "mixture": CoarseExact(toy.skewed_mixture())}
+    """Closed form, and RK4 on a coarse grid of 1/128: the discrete flow is still a semigroup
+    on its grid, so the identities hold to rounding and the tests stay fast."""
+    return {"gaussian": GaussianShortcut(MU, SCALE), "mixture": toy.ExactShortcut(toy.skewed_mixture(), h=1 / 128)}
 
 
 ################################################################################
@@ -628,7 +616,7 @@ def test_exercise_2_one_flow_step_lands_on_the_data_mean():
     gm = toy.skewed_mixture()
     x0 = torch.randn(300, 2, dtype=torch.float64)
     mean = (gm.pi[:, None] * gm.mu).sum(0)
-    x1 = S.sample(CoarseExact(gm), x0, 1, flow=True)             # x0 + v(x0, 0) = E[x1]
+    x1 = S.sample(toy.ExactShortcut(gm, h=1 / 128), x0, 1, flow=True)             # x0 + v(x0, 0) = E[x1]
     torch.testing.assert_close(x1, mean.expand_as(x1), rtol=0, atol=1e-12)
     model, _ = quick_train(frac=0.0)                             # and a trained baseline collapses
     x1 = S.sample(model, torch.randn(2000, 2), 1, flow=True)
@@ -699,3 +687,17 @@ def test_exercise_8_a_slow_ema_teacher_lags_in_a_short_run():
     online, _ = quick_train()
     ema, _ = quick_train("--teacher", "ema")                     # decay 0.999: a horizon of ~1000 steps
     assert one_step_w2(ema) > 1.5 * one_step_w2(online)
+
+
+def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, capsys):
+    import importlib.util
+    if importlib.util.find_spec("pytorch_fid") or importlib.util.find_spec("torchmetrics"):
+        pytest.skip("an Inception network is installed: FID would be computed")
+    write_cifar(tmp_path / "data")
+    out = tmp_path / "run"
+    metrics = ti.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "tiny",
+                       "--batch-size", "8", "--steps", "2", "--n-samples", "10", "--eval-steps", "1",
+                       "--out", str(out), "--device", "cpu"])
+    assert "FID skipped: install pytorch-fid" in capsys.readouterr().out
+    assert "shortcut_1" not in metrics
+    assert np.load(out / "samples.npz")["shortcut_1"].shape == (10, 3, 32, 32)

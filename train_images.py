@@ -360,16 +360,23 @@ class DigitsJudge:
 
 
 def inception_features(x01, device, batch_size=200):
-    """pool3 features of the standard FID Inception network, or None without pytorch-fid."""
+    """pool3 features of the standard FID Inception network, from pytorch-fid or else from
+    torchmetrics (with torch-fidelity); None when neither is installed."""
     try:
         from pytorch_fid.inception import InceptionV3
+        net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+        embed = lambda x: net(x)[0].flatten(1)                                     # noqa: E731
     except ImportError:
-        return None
-    net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError:
+            return None
+        net = FrechetInceptionDistance(feature=2048).inception.to(device).eval()
+        embed = lambda x: net((x * 255).round().to(torch.uint8)).flatten(1)        # noqa: E731
     feats = []
     with torch.no_grad():
         for i in range(0, len(x01), batch_size):
-            feats.append(net(torch.as_tensor(x01[i:i + batch_size], device=device).float())[0].flatten(1).cpu())
+            feats.append(embed(torch.as_tensor(x01[i:i + batch_size], device=device).float()).cpu())
     return torch.cat(feats).double().numpy()
 
 
@@ -447,7 +454,7 @@ def evaluate(args, ema, data, device):
     else:
         f = inception_features(samples["shortcut_1"][:1].numpy(), device)
         if f is None:
-            print("FID skipped: pytorch-fid is not installed (pip install pytorch-fid)", flush=True)
+            print("FID skipped: install pytorch-fid (pip install pytorch-fid) or torchmetrics[image]", flush=True)
         else:
             mu, cov = reference_stats(args, data, device)
             metrics["metric"] = "FID (pytorch-fid Inception pool3) against the training set"
