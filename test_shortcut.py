@@ -701,3 +701,21 @@ def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, caps
     assert "FID skipped: install pytorch-fid" in capsys.readouterr().out
     assert "shortcut_1" not in metrics
     assert np.load(out / "samples.npz")["shortcut_1"].shape == (10, 3, 32, 32)
+
+
+def test_ctrl_c_saves_the_current_step_and_resumes(tmp_path, data_dir):
+    import signal
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_images.py", *TINY, "--steps", "100000", "--save-every", "100000",
+                             "--log-every", "0.2", "--data-dir", data_dir, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:               # wait until training runs
+        if line.startswith("step"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: saved step" in err and "Traceback" not in err
+    saved = int(err.split("saved step ")[1].split()[0])
+    assert weights(out / "checkpoint.pt")["step"] == saved > 0

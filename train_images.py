@@ -22,12 +22,14 @@ labels. For CIFAR-10 and CelebA, FID with the standard Inception network when py
 installed (pip install pytorch-fid; it fetches the Inception weights on first use).
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import pickle
+import signal
 import sys
 import tarfile
 import time
@@ -249,6 +251,20 @@ def drop_labels(y, p, null):
     return None if y is None else torch.where(torch.rand(len(y), device=y.device) < p, null, y)
 
 
+@contextlib.contextmanager
+def deferred_interrupt(enabled):
+    """Ctrl-C appends to the yielded list instead of raising, so that the training loop can
+    finish its step, save a checkpoint and stop; resuming from it stays bit-exact."""
+    flag, previous = [], None
+    if enabled:
+        previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def train(args, model, ema, opt, data, labels, start_step, config, device, rank=0, world=1):
     info = DATASETS[args.dataset]
     step = make_step(args, model, ema, opt, device, rank, world)
@@ -256,28 +272,31 @@ def train(args, model, ema, opt, data, labels, start_step, config, device, rank=
     ckpt = os.path.join(args.out, "checkpoint.pt")
     sums = torch.zeros(5, device=device)      # summed on the device: no sync per step
     t0, last, done = time.time(), time.time(), 0
-    for i in range(start_step, args.steps):
-        # every process draws the same global batch and noise and computes its own rows
-        x1, y = get_batch(data, labels, args.batch_size, info["flip"])
-        sums += step(x1, drop_labels(y, args.label_dropout, info["classes"]), i)
-        done += 1
-        now = time.time()
-        saving = (i + 1) % args.save_every == 0 or i + 1 == args.steps
-        if now - last > args.log_every or saving:
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            fm_sum, sc_sum, n_fm, n_sc, bad = sums.tolist()
-            if bad:
-                raise TrainingDiverged(f"the loss became non-finite by step {i + 1}; the last good "
-                                       f"checkpoint is kept at {ckpt!r}; lower --lr or raise --warmup")
-            rate = done * args.batch_size / (now - t0)
-            if rank == 0:
-                print(f"step {i + 1:7d}/{args.steps}  fm {fm_sum / max(n_fm, 1):.4f}  sc {sc_sum / max(n_sc, 1):.4f}"
-                      f"  {rate:7.0f} img/s  ETA {fmt_time((args.steps - i - 1) * args.batch_size / rate)}", flush=True)
-            sums.zero_()
-            last = now
-        if saving and rank == 0:
-            save_checkpoint(ckpt, raw, ema, opt, i + 1, config)
+    with deferred_interrupt(world == 1) as interrupted:
+        for i in range(start_step, args.steps):
+            # every process draws the same global batch and noise and computes its own rows
+            x1, y = get_batch(data, labels, args.batch_size, info["flip"])
+            sums += step(x1, drop_labels(y, args.label_dropout, info["classes"]), i)
+            done += 1
+            now = time.time()
+            saving = (i + 1) % args.save_every == 0 or i + 1 == args.steps or bool(interrupted)
+            if now - last > args.log_every or saving:
+                if world > 1:
+                    torch.distributed.all_reduce(sums)
+                fm_sum, sc_sum, n_fm, n_sc, bad = sums.tolist()
+                if bad:
+                    raise TrainingDiverged(f"the loss became non-finite by step {i + 1}; the last good "
+                                           f"checkpoint is kept at {ckpt!r}; lower --lr or raise --warmup")
+                rate = done * args.batch_size / (now - t0)
+                if rank == 0:
+                    print(f"step {i + 1:7d}/{args.steps}  fm {fm_sum / max(n_fm, 1):.4f}  sc {sc_sum / max(n_sc, 1):.4f}"
+                          f"  {rate:7.0f} img/s  ETA {fmt_time((args.steps - i - 1) * args.batch_size / rate)}", flush=True)
+                sums.zero_()
+                last = now
+            if saving and rank == 0:
+                save_checkpoint(ckpt, raw, ema, opt, i + 1, config)
+            if interrupted:
+                raise Interrupted(f"interrupted: saved step {i + 1} to {ckpt!r}; continue with --resume {ckpt}")
     if world > 1:
         check_replicas(raw, world)
 
@@ -295,6 +314,10 @@ def check_replicas(model, world):
 
 
 class TrainingDiverged(Exception):
+    pass
+
+
+class Interrupted(Exception):
     pass
 
 
@@ -723,6 +746,9 @@ def cli(argv=None):
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
