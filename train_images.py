@@ -6,7 +6,7 @@
     python train_images.py --resume out/images/checkpoint.pt --steps 20000   # continue a run
     python train_images.py --sample-only --resume out/images/checkpoint.pt   # evaluate only
 
-Writes to --out: checkpoint.pt (every --save-every steps and at the end, atomically),
+Writes to --out: checkpoint.pt (every --save-every steps, at the end and on Ctrl-C, atomically),
 grid_N.png for each N, steps.png (a column per N from the same noise), samples.npz and
 metrics.json. Sampling and evaluation use the EMA weights.
 
@@ -18,8 +18,11 @@ celeba64.npy beside them.
 
 Metrics: for digits, the Frechet distance in the hidden features of a small classifier fit
 on the real digits, its real-vs-real floor, and that classifier's accuracy on the requested
-labels. For CIFAR-10 and CelebA, FID with the standard Inception network when pytorch-fid is
-installed (pip install pytorch-fid; it fetches the Inception weights on first use).
+labels. For CIFAR-10 and CelebA, FID with the standard Inception network when pytorch-fid
+(or torchmetrics with torch-fidelity) is installed; it fetches the weights on first use.
+
+Speed: --benchmark times training and sampling on random data and prints img/s, TFLOP/s and
+MFU. Several GPUs: torchrun --nproc_per_node=N train_images.py ... (--batch-size is global).
 """
 import argparse
 import contextlib
