@@ -49,7 +49,7 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Per-dataset defaults for the flags left unset.
 DATASETS = {
     "digits": dict(size=8, channels=1, classes=10, flip=False, model="XS", patch=2, batch_size=128,
-                   steps=3000, lr=1e-3, warmup=200, n_samples=1000, save_every=1000),
+                   steps=3000, lr=2e-3, warmup=200, n_samples=1000, save_every=1000),
     "cifar10": dict(size=32, channels=3, classes=10, flip=True, model="B", patch=2, batch_size=256,
                     steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000, save_every=5000),
     "celeba": dict(size=64, channels=3, classes=0, flip=True, model="B", patch=4, batch_size=64,
@@ -599,7 +599,7 @@ def parse_args(argv=None):
     a("--patch", type=int, default=None, help="patch size (default: 2; 4 for celeba)")
     a("--steps", type=int, default=None, help="total training steps (default: 3000 for digits, 400k otherwise)")
     a("--batch-size", type=int, default=None, help="batch size (default: 128 digits, 256 cifar10, 64 celeba)")
-    a("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3 digits, 1e-4 otherwise)")
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (default: 2e-3 digits, 1e-4 otherwise)")
     a("--warmup", type=int, default=None, help="learning-rate warmup steps (default: 200 digits, 5000 otherwise)")
     a("--lr-schedule", default="constant", choices=["constant", "cosine"],
       help="after warmup: constant (official, default) or cosine decay to 0 by --steps; resuming a cosine run stays exact only with the same --steps")
