@@ -564,7 +564,7 @@ def test_flop_formula_matches_the_flop_counter(size, img, patch):
 
 def test_benchmark_mode_prints_its_figures(capsys):
     ti.main(["--benchmark", "--device", "cpu", "--model", "tiny", "--batch-size", "16",
-             "--bench-steps", "2", "--bench-warmup", "1", "--eval-batch-size", "16"])
+             "--bench-steps", "2", "--bench-warmup", "1", "--eval-batch-size", "100"])   # > 4 batches of data
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("flow matching", "shortcut (frac"))]
     assert len(rows) == 2 and all(float(r[-4]) > 0 and float(r[-3]) > 0 for r in rows)   # img/s, ms/step

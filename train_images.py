@@ -574,7 +574,7 @@ def benchmark(args, mcfg, device):
     print(f"  shortcut / flow-matching step time: {times[args.bootstrap_frac] / times[0.0]:.3f} "
           f"(two extra forwards on the bootstrap rows: about {1 + 2 * args.bootstrap_frac / 3:.3f} in FLOPs)")
     x0 = torch.randn(args.eval_batch_size, *shape[1:], device=device, generator=g)
-    y = labels[:args.eval_batch_size] if labels is not None else None
+    y = torch.arange(args.eval_batch_size, device=device) % info["classes"] if info["classes"] else None
     model = sampler_model(ema.eval(), args)
     for N in (1, 128):
         dt = timed(lambda: generate(model, x0, N, y, args.cfg_scale, False, args.eval_batch_size, to_cpu=False),
