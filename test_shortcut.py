@@ -577,7 +577,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
     common = [*TINY, "--steps", "3", "--data-dir", data_dir, "--batch-size", "16", "--log-every", "0"]
     one = subprocess.run([sys.executable, "train_images.py", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train_images.py", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
