@@ -60,7 +60,10 @@ Departs:
   done; guidance is applied at sampling time only.
 """
 import contextlib
+import errno
+import io
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -115,6 +118,11 @@ class Conditioning(nn.Module):
         if self.y_emb is not None:
             if y is None:   # unconditional query: every row gets the null class
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
+            elif y.device.type == "cpu" and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= self.num_classes:
+                # On an accelerator this check would stall every forward on a host sync;
+                # there the embedding's own device-side assert catches the bad label.
+                raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} is the "
+                                 f"null class), got {int(y.min())} .. {int(y.max())}")
             c = c + self.y_emb(y)
         elif y is not None:
             raise ValueError("this model has no classes (num_classes=0) but got labels y")
@@ -150,7 +158,7 @@ class MLP(nn.Module):
     def forward(self, x, t, d, y=None):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP(dim={self.dim}) expects x of shape (B, {self.dim}), "
-                             f"got {tuple(x.shape)}")
+                             f"got samples of shape {tuple(x.shape[1:])}")
         _check_inputs(x, t, d, y)
         c = self.cond(t, d, y)                      # (B, width)
         h = self.inp(x)                             # (B, width)
@@ -175,6 +183,11 @@ class DiTConfig:
     num_classes: int = 0
 
     def __post_init__(self):
+        for name in ("img_size", "channels", "patch", "width", "depth", "heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DiTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"DiTConfig.num_classes must be 0 (unconditional) or more, got {self.num_classes}")
         if self.img_size % self.patch or self.width % self.heads or self.width % 4:
             raise ValueError(f"bad DiT config {self}: img_size must be a multiple of patch, "
                              "width a multiple of heads and of 4")
@@ -267,7 +280,7 @@ class DiT(nn.Module):
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1:] != (cfg.channels, cfg.img_size, cfg.img_size):
             raise ValueError(f"DiT expects x of shape (B, {cfg.channels}, {cfg.img_size}, "
-                             f"{cfg.img_size}), got {tuple(x.shape)}")
+                             f"{cfg.img_size}), got samples of shape {tuple(x.shape[1:])}")
         _check_inputs(x, t, d, y)
         B, C, H, W = x.shape
         p = cfg.patch
@@ -321,6 +334,10 @@ def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cli
         raise ValueError(f"d_sampling must be 'dyadic' or 'uniform', got {d_sampling!r}")
     if y is not None and y.shape != x1.shape[:1]:
         raise ValueError(f"y must have shape ({x1.shape[0]},), got {tuple(y.shape)}")
+    if len(x1) == 0:
+        raise ValueError("the batch x1 is empty: the loss of no samples is undefined")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive (or None for no clipping), got {clip}")
     teacher = model if teacher is None else teacher
     B, dev = x1.shape[0], x1.device
     n_sc = round(bootstrap_frac * B)
@@ -438,12 +455,33 @@ def pick_device(name="auto"):
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for but this torch has no MPS backend")
+        raise ValueError("device 'mps' was asked for but this torch has no MPS backend")
     if name not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
     return torch.device(name)
+
+
+def write_atomic(path, write):
+    """write(f) fills an in-memory binary file f (np.savez, torch.save, fig.savefig, ...); its
+    bytes then reach `path` through a temporary file beside it and a rename, so a failed or
+    interrupted write (a full disk, Ctrl-C, kill -9) leaves the old file whole."""
+    buf = io.BytesIO()
+    write(buf)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left in {os.path.dirname(os.path.abspath(path))}") from None
+        raise
 
 
 def seed_everything(seed):

@@ -2,16 +2,25 @@
 
 Run with:  python -m pytest -q test_shortcut.py
 """
+import errno
+import functools
+import hashlib
 import json
 import math
+import os
+import pickle
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import shortcut as S
+import train_images as ti
 import train_toy as toy
 
 torch.set_default_dtype(torch.float32)
@@ -334,15 +343,10 @@ def test_ema_update_is_exact():
 ################################################################################
 
 def test_short_training_shortcut_beats_flow_at_one_step():
-    args = toy.parse_args(["--steps", "400", "--batch-size", "256", "--width", "64"])
-    rng = np.random.default_rng(0)
-    data = toy.sample_data("ring", 20_000, rng)
-    fresh = toy.sample_data("ring", 2000, rng)
+    fresh = toy.sample_data("ring", 2000, np.random.default_rng(7))
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
-    dist = {}
-    for name, frac in (("shortcut", 0.25), ("flow", 0.0)):
-        model, _ = toy.train(name, data, args, frac, torch.device("cpu"))
-        dist[name] = toy.sliced_w2(S.sample(model, x0, 1, flow=frac == 0).numpy(), fresh)
+    dist = {name: toy.sliced_w2(S.sample(quick_train(frac=frac)[0], x0, 1, flow=frac == 0).numpy(), fresh)
+            for name, frac in (("shortcut", 0.25), ("flow", 0.0))}
     assert dist["shortcut"] < 0.25 * dist["flow"], dist
 
 
@@ -365,48 +369,50 @@ def test_datasets_have_unit_scale(name):
     assert 0.5 < x.std() < 1.5 and np.abs(x).max() < 4
 
 
-def test_toy_cli_rejects_bad_flags():
+def test_toy_cli_rejects_bad_flags(tmp_path):
     for flags in (["--bootstrap-frac", "2"], ["--dataset", "spiral"], ["--steps", "0"]):
-        r = subprocess.run([sys.executable, "train_toy.py", *flags], capture_output=True, text=True)
-        assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
+        with pytest.raises(SystemExit) as e:
+            toy.parse_args(flags)
+        assert e.value.code == 2, flags
+    r = subprocess.run([sys.executable, "train_toy.py", "--steps", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "error: --steps must be at least 1" in r.stderr
 
 
 ################################################################################
 #                           train_images.py: data                              #
 ################################################################################
 
-import os  # noqa: E402
-import pickle  # noqa: E402
-import tarfile  # noqa: E402
-
-import train_images as ti  # noqa: E402
-
-
-def write_cifar(root, n=20, as_folder=False):
-    """A small CIFAR-10 in the real python-pickle format: 5 training batches, a test batch, meta."""
+def write_cifar(root, monkeypatch=None, n=20, as_folder=False, batches=None):
+    """A small CIFAR-10 in the real python-pickle format: 5 training batches, a test batch, meta.
+    With monkeypatch, its md5s stand in for the published ones, so the loader accepts it."""
     rng = np.random.default_rng(0)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batches[name] = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"labels": list(rng.integers(0, 10, n)), b"batch_label": name.encode()}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batches[name], f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": n}, f)
+    batches = batches or {name: {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                 b"labels": [int(v) for v in rng.integers(0, 10, n)], b"batch_label": name.encode()}
+                          for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    md5s = {}
+    for name, batch in batches.items():
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+        md5s[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane"] * 10}))
+    archive = root / "cifar-10-python.tar.gz"
     if not as_folder:
-        with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        with tarfile.open(archive, "w:gz") as tar:
             tar.add(folder, arcname="cifar-10-batches-py")
         for p in folder.iterdir():
             p.unlink()
         folder.rmdir()
+    if monkeypatch is not None:
+        monkeypatch.setattr(ti, "CIFAR_BATCH_MD5", {k: v for k, v in md5s.items() if k.startswith("data_batch")})
+        if not as_folder:
+            monkeypatch.setattr(ti, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     return batches
 
 
 @pytest.mark.parametrize("as_folder", [False, True])
-def test_cifar_loader_reads_the_python_archive(tmp_path, as_folder):
-    batches = write_cifar(tmp_path, as_folder=as_folder)
+def test_cifar_loader_reads_the_python_archive(tmp_path, monkeypatch, as_folder):
+    batches = write_cifar(tmp_path, monkeypatch, as_folder=as_folder)
     x, y = ti.load_cifar10(str(tmp_path))
     assert x.shape == (100, 3, 32, 32) and x.dtype == np.uint8 and y.shape == (100,)
     first = batches["data_batch_1"]
@@ -547,6 +553,217 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, m
 
 
 ################################################################################
+#            Reliability: hostile input, lost files, one-line errors           #
+################################################################################
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted CIFAR-10 batch would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_cifar_archive_that_runs_code_is_refused(tmp_path, data_dir, capsys, monkeypatch, as_folder):
+    marker = tmp_path / "PWNED"
+    evil = {f"data_batch_{i}": {b"data": RunsCode(marker), b"labels": [0]} for i in range(1, 6)}
+    write_cifar(tmp_path / "data", batches=evil, as_folder=as_folder)
+    argv = TINY + ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    code, err = run_cli(argv, capsys)                  # the published md5 fails first
+    assert code == 2 and "not the published" in err and "unpickled" in err and len(err.splitlines()) == 1
+    write_cifar(tmp_path / "data2", monkeypatch, batches=evil, as_folder=as_folder)
+    code, err = run_cli(argv[:-4] + ["--data-dir", str(tmp_path / "data2"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "refusing to unpickle" in err and "system" in err      # the unpickler refuses
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fault", ["label 255", "short labels", "list batch", "float data"])
+def test_corrupt_cifar_batches_are_refused(tmp_path, monkeypatch, fault):
+    rng = np.random.default_rng(0)
+    good = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [1, 2, 3, 4]}
+    bad = {"label 255": {**good, b"labels": [1, 2, 255, 4]}, "short labels": {**good, b"labels": [1, 2]},
+           "list batch": [good[b"data"], good[b"labels"]], "float data": {**good, b"data": good[b"data"] / 255}}[fault]
+    write_cifar(tmp_path, monkeypatch, batches={**{f"data_batch_{i}": good for i in range(1, 5)}, "data_batch_5": bad})
+    with pytest.raises(ti.UserError, match="data_batch_5"):
+        ti.load_cifar10(str(tmp_path))
+
+
+def test_a_flipped_byte_in_the_cifar_archive_is_caught_by_its_md5(tmp_path, monkeypatch):
+    write_cifar(tmp_path, monkeypatch)
+    ti.load_cifar10(str(tmp_path))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(ti.UserError, match="not the published"):
+        ti.load_cifar10(str(tmp_path))
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path, data_dir, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        ti.main(TINY + ["--steps", "2", "--out", str(out), "--data-dir", data_dir])
+    before = (b / "checkpoint.pt").read_bytes()
+    code, err = run_cli(TINY + ["--steps", "4", "--data-dir", data_dir, "--resume", str(a / "checkpoint.pt"),
+                                "--out", str(b)], capsys)
+    assert code == 2 and "would overwrite it" in err and len(err.splitlines()) == 1
+    assert (b / "checkpoint.pt").read_bytes() == before
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    ti.main(TINY + ["--steps", "2", "--save-every", "1", "--out", str(out), "--data-dir", data_dir])
+    before = (out / "checkpoint.pt").read_bytes()
+    # lr 1e39 overflows float32 at the first update, while that step's loss is still finite
+    code, err = run_cli(TINY + ["--steps", "4", "--save-every", "1", "--lr", "1e39", "--warmup", "1",
+                                "--data-dir", data_dir, "--out", str(out), "--resume", str(out / "checkpoint.pt")], capsys)
+    assert code == 1 and "non-finite by step 3" in err and "Traceback" not in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_full_disk_keeps_the_previous_outputs(tmp_path, data_dir, capsys, monkeypatch):
+    out = tmp_path / "run"
+    ti.main(TINY + ["--steps", "2", "--out", str(out), "--data-dir", data_dir])
+    before = {f: (out / f).read_bytes() for f in ("samples.npz", "metrics.json", "steps.png")}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    code, err = run_cli(TINY + ["--sample-only", "--resume", str(out / "checkpoint.pt"), "--out", str(out),
+                                "--data-dir", data_dir], capsys)
+    assert code == 2 and err == f"error: no space left in {out}"
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert not list(out.glob("*.tmp"))
+
+
+def bad_checkpoints(tmp_path, good):
+    """A good checkpoint's faults, each written to its own file."""
+    state = torch.load(good, weights_only=True)
+    faults = {"empty": None, "no config": {k: v for k, v in state.items() if k != "config"},
+              "missing weight": {**state, "model": dict(list(state["model"].items())[1:])},
+              "bad rng": {**state, "rng_cpu": torch.zeros(3)}}
+    paths = {}
+    for name, s in faults.items():
+        paths[name] = tmp_path / f"{name.replace(' ', '_')}.pt"
+        if s is None:
+            paths[name].write_bytes(b"")
+        else:
+            torch.save(s, paths[name])
+    return paths
+
+
+def test_startup_errors_are_one_line(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    ti.main(TINY + ["--steps", "2", "--out", str(out), "--data-dir", data_dir])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [["--patch", "0"], ["--patch", "-2"], ["--lr", "nan"], ["--lr", "-1"], ["--weight-decay", "-0.1"],
+             ["--seed", "-1"], ["--out", str(a_file)], ["--out", ""], ["--benchmark", "--bench-steps", "0"],
+             ["--cfg-scale", "inf"], ["--cfg-scale", "nan"], ["--n-samples", "1"], ["--data-dir", str(a_file)],
+             ["--grad-clip", "-1"], ["--grad-clip", "nan"], ["--ema", "2"], ["--ema", "-1"], ["--ema", "nan"],
+             ["--label-dropout", "-1"], ["--out", str(a_file / "sub")]]
+    cases += [["--resume", str(p)] for p in bad_checkpoints(tmp_path, out / "checkpoint.pt").values()]
+    for i, flags in enumerate(cases):
+        argv = TINY + ["--steps", "4", "--data-dir", data_dir, "--out", str(tmp_path / f"c{i}")] + flags
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, (flags, err)
+    assert not any((tmp_path / f"c{i}" / "checkpoint.pt").exists() for i in range(len(cases)))
+
+
+def test_out_of_memory_is_one_line(tmp_path, data_dir, capsys):
+    code, err = run_cli(TINY + ["--batch-size", str(10 ** 12), "--steps", "1", "--data-dir", data_dir,
+                                "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "out of memory" in err and "--batch-size" in err and len(err.splitlines()) == 1
+
+
+def test_resume_past_steps_says_so_and_keeps_the_checkpoint(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    ti.main(TINY + ["--steps", "4", "--out", str(out), "--data-dir", data_dir])
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    ti.main(TINY + ["--steps", "2", "--out", str(out), "--data-dir", data_dir, "--resume", str(out / "checkpoint.pt")])
+    said = capsys.readouterr().out
+    assert "at or past --steps 2: nothing to train" in said and "wrote checkpoint.pt" not in said
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_broken_caches_are_rebuilt(tmp_path, capsys):
+    cache = tmp_path / "digits_judge.npz"
+    cache.write_bytes(b"PK\x03\x04 truncated")
+    judge = ti.DigitsJudge(str(cache))
+    x, y = ti.load_digits()
+    assert (judge.predict(x / 255.0) == y).mean() > 0.97 and "computing it afresh" in capsys.readouterr().out
+    assert ti.DigitsJudge(str(cache)).w[0].shape == (64, 128)        # and the rewritten cache loads
+
+
+def png_header(width, height):
+    """A small PNG file whose header declares width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_celeba_faults(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    Image.fromarray(np.full((80, 60, 3), 200, np.uint8)).save(tmp_path / "000001.jpg")
+    (tmp_path / "000002.png").write_bytes(png_header(30000, 30000))
+    with pytest.raises(ti.UserError, match="000002.png.*DecompressionBomb"):
+        ti.load_celeba(str(tmp_path))
+    (tmp_path / "000002.png").unlink()
+    for bad in (b"garbage", None):             # unreadable, then a readable array of the wrong shape
+        if bad is None:
+            np.save(tmp_path / "celeba64.npy", np.zeros((2, 3, 32, 32), np.uint8))
+        else:
+            (tmp_path / "celeba64.npy").write_bytes(bad)
+        x, _ = ti.load_celeba(str(tmp_path))
+        assert x.shape == (1, 3, 64, 64) and "rebuilding it" in capsys.readouterr().out
+
+    def read_only(path, write):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.setattr(ti, "write_atomic", read_only)
+    (tmp_path / "celeba64.npy").unlink()
+    x, _ = ti.load_celeba(str(tmp_path))             # the decoded images survive a read-only folder
+    assert x.shape == (1, 3, 64, 64) and "continuing without it" in capsys.readouterr().out
+
+
+def test_toy_cli_rejects_bad_values(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for flags in (["--lr", "nan"], ["--seed", "-1"], ["--out", str(a_file)]):
+        with pytest.raises(SystemExit) as e:
+            toy.parse_args(flags)
+        assert e.value.code == 2, flags
+
+
+def test_library_errors_are_clear_value_errors():
+    for bad in ({"patch": 0}, {"heads": 0}, {"width": 0}, {"depth": -1}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            S.DiTConfig(**bad)
+    mlp = S.MLP(dim=2, num_classes=3)
+    for y in ([-1, 0], [0, 4]):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+            mlp(torch.randn(2, 2), torch.rand(2), torch.zeros(2), torch.tensor(y))
+    with pytest.raises(ValueError, match="empty"):
+        S.shortcut_loss(mlp, torch.randn(0, 2))
+    with pytest.raises(ValueError, match="clip must be positive"):
+        S.shortcut_loss(mlp, torch.randn(4, 2), clip=-1.0)
+    with pytest.raises(ValueError) as e:                   # names the samples' shape, not a sub-batch
+        S.shortcut_loss(mlp, torch.randn(64, 3))
+    assert "(3,)" in str(e.value) and "16" not in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError) as e:
+            S.pick_device("cuda")
+        assert "--device" not in str(e.value)
+
+
+################################################################################
 #                  train_images.py: FLOPs, benchmark, multi-process             #
 ################################################################################
 
@@ -600,7 +817,9 @@ def ring_paths():
     return toy.true_paths(toy.ring(), n=256)
 
 
+@functools.lru_cache(maxsize=None)
 def quick_train(*flags, frac=0.25, steps=400):
+    """A small toy model, trained once per session for each setting."""
     args = toy.parse_args(["--steps", str(steps), "--batch-size", "256", "--width", "64", "--log-every", "100", *flags])
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
     model, log = toy.train("test", data, args, frac, torch.device("cpu"))
@@ -689,11 +908,11 @@ def test_exercise_8_a_slow_ema_teacher_lags_in_a_short_run():
     assert one_step_w2(ema) > 1.5 * one_step_w2(online)
 
 
-def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, capsys):
+def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, capsys, monkeypatch):
     import importlib.util
     if importlib.util.find_spec("pytorch_fid") or importlib.util.find_spec("torchmetrics"):
         pytest.skip("an Inception network is installed: FID would be computed")
-    write_cifar(tmp_path / "data")
+    write_cifar(tmp_path / "data", monkeypatch)
     out = tmp_path / "run"
     metrics = ti.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "tiny",
                        "--batch-size", "8", "--steps", "2", "--n-samples", "10", "--eval-steps", "1",
@@ -704,8 +923,6 @@ def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, caps
 
 
 def test_ctrl_c_saves_the_current_step_and_resumes(tmp_path, data_dir):
-    import signal
-    import time
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train_images.py", *TINY, "--steps", "100000", "--save-every", "100000",
                              "--log-every", "0.2", "--data-dir", data_dir, "--out", str(out)],

@@ -27,7 +27,10 @@ MFU. Several GPUs: torchrun --nproc_per_node=N train_images.py ... (--batch-size
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
+import importlib.util
+import io
 import json
 import math
 import os
@@ -35,16 +38,27 @@ import pickle
 import signal
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
 
-from shortcut import DiT, DiTConfig, dit_config, ema_update, pick_device, sample, seed_everything, shortcut_errors, step_sizes
+try:                                   # where numpy pickles keep the array constructor
+    from numpy._core.multiarray import _reconstruct
+except ImportError:                    # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+from shortcut import (DiT, DiTConfig, dit_config, ema_update, pick_device, sample, seed_everything, shortcut_errors,
+                      step_sizes, write_atomic)
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_BATCH_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                   "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+                   "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
 
 # Per-dataset defaults for the flags left unset.
 DATASETS = {
@@ -61,6 +75,14 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
+class TrainingDiverged(Exception):
+    """The loss or the weights became non-finite: exit code 1, the last good checkpoint kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the current step was saved; exit code 130."""
+
+
 ################################################################################
 #                                     Data                                     #
 ################################################################################
@@ -73,32 +95,72 @@ def load_digits():
 
 
 def load_cifar10(data_dir, download=False):
-    """CIFAR-10's training set as uint8 (50000, 3, 32, 32) and int64 labels."""
+    """CIFAR-10's training set as uint8 (50000, 3, 32, 32) and int64 labels.
+
+    Nothing is unpickled before its bytes match the published md5 (of the archive, then of
+    each batch file), and the unpickler only builds what a batch holds, so a crafted archive
+    can neither run code nor load wrong data silently.
+    """
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
     if not os.path.isdir(folder) and not os.path.isfile(archive):
+        if os.path.isdir(data_dir) and not os.access(data_dir, os.R_OK | os.X_OK):
+            raise UserError(f"cannot read the directory {data_dir!r} (permission denied)")
         if not download:
             raise UserError(f"no CIFAR-10 in {data_dir!r}: put cifar-10-python.tar.gz there "
                             f"(from {CIFAR_URL}) or pass --download")
         fetch(CIFAR_URL, archive, CIFAR_MD5)
-    names = [f"data_batch_{i}" for i in range(1, 6)]
+    where = folder if os.path.isdir(folder) else archive
     try:
-        if os.path.isdir(folder):
-            batches = []
-            for n in names:
-                with open(os.path.join(folder, n), "rb") as f:
-                    batches.append(pickle.load(f, encoding="bytes"))
+        if where == folder:
+            def read(name):
+                with open(os.path.join(folder, name), "rb") as f:
+                    return f.read()
+            xs, ys = zip(*(cifar_batch(read(n), n, os.path.join(folder, n)) for n in CIFAR_BATCH_MD5))
         else:
+            check_md5(archive, CIFAR_MD5)
             with tarfile.open(archive, "r:gz") as tar:
-                batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="bytes")
-                           for n in names]
-        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)
-    except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError, tarfile.TarError) as e:
-        where = folder if os.path.isdir(folder) else archive
-        raise UserError(f"CIFAR-10 at {where!r} is corrupt or incomplete ({type(e).__name__}: {e}); "
-                        "delete it and fetch it again (--download)") from None
-    return x, y
+                xs, ys = zip(*(cifar_batch(tar.extractfile(f"cifar-10-batches-py/{n}").read(), n,
+                                           f"{archive}:{n}") for n in CIFAR_BATCH_MD5))
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename or where!r} ({e.strerror or e})") from None
+    except (EOFError, KeyError, AttributeError, tarfile.TarError, zlib.error) as e:
+        raise UserError(f"{where!r} is not a complete CIFAR-10 archive ({type(e).__name__}: {e}); "
+                        "fetch it again (--download into an empty --data-dir)") from None
+    return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
+
+
+def cifar_batch(raw, name, where):
+    """Checks the bytes of the batch file `name` against its md5, unpickles them safely and
+    checks the contents: returns uint8 data (n, 3072) and int64 labels (n,) in 0..9."""
+    if hashlib.md5(raw).hexdigest() != CIFAR_BATCH_MD5[name]:
+        raise UserError(f"{where!r} has md5 {hashlib.md5(raw).hexdigest()}, not the published "
+                        f"{CIFAR_BATCH_MD5[name]}: it is corrupt or altered, and was not unpickled; "
+                        "fetch CIFAR-10 again (--download into an empty --data-dir)")
+    try:
+        batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        x, y = batch[b"data"], np.asarray(batch[b"labels"])
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"{where!r} is not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+    ok = (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072
+          and y.dtype.kind in "iu" and y.shape == (len(x),) and (len(y) == 0 or 0 <= y.min() <= y.max() <= 9))
+    if not ok:
+        raise UserError(f"{where!r} does not hold a CIFAR-10 batch: it needs uint8 data of shape "
+                        "(n, 3072) and n integer labels in 0..9")
+    return x, y.astype(np.int64)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds: dicts, lists, strings, bytes, numbers and numpy
+    arrays. Any other global (os.system, say) is refused instead of being called."""
+
+    NUMPY = {"ndarray": np.ndarray, "dtype": np.dtype, "_reconstruct": _reconstruct}
+
+    def find_class(self, module, name):
+        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in self.NUMPY:
+            return self.NUMPY[name]
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR-10 batch holds "
+                                     "only arrays, lists, strings and numbers")
 
 
 def fetch(url, path, md5):
@@ -118,8 +180,9 @@ def check_md5(path, md5):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     if h.hexdigest() != md5:
-        raise UserError(f"{path!r} has md5 {h.hexdigest()}, not the published {md5}: the download "
-                        "is corrupt; delete it and try again")
+        raise UserError(f"{path!r} has md5 {h.hexdigest()}, not the published {md5}: it is corrupt, "
+                        "truncated or altered, and nothing in it was unpickled; fetch it again "
+                        "(--download into an empty --data-dir)")
 
 
 def load_celeba(data_dir, size=64):
@@ -127,9 +190,16 @@ def load_celeba(data_dir, size=64):
     from PIL import Image
     cache = os.path.join(data_dir, f"celeba{size}.npy")
     if os.path.isfile(cache):
-        return np.load(cache), None
+        try:
+            x = np.load(cache, allow_pickle=False)
+            if x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, size, size) and len(x):
+                return x, None
+            problem = f"holds {x.dtype} of shape {x.shape}, not uint8 (n, 3, {size}, {size})"
+        except (OSError, ValueError, EOFError) as e:
+            problem = f"is unreadable ({type(e).__name__}: {e})"
+        print(f"the cache {cache} {problem}: rebuilding it from the images", flush=True)
     files = sorted(f for f in os.listdir(data_dir) if f.lower().endswith((".jpg", ".jpeg", ".png"))) \
-        if os.path.isdir(data_dir) else []
+        if os.path.isdir(data_dir) and os.access(data_dir, os.R_OK | os.X_OK) else []
     if not files:
         raise UserError(f"no CelebA images in {data_dir!r}: download img_align_celeba.zip from the "
                         "CelebA page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html), unzip it and pass "
@@ -144,12 +214,12 @@ def load_celeba(data_dir, size=64):
                 s = min(w, h)
                 im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                 x[i] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
-        except OSError as e:
-            raise UserError(f"cannot read {name!r} in {data_dir!r} ({e}); remove it or re-extract the folder") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read {name!r} in {data_dir!r} ({type(e).__name__}: {e}); "
+                            "remove it or re-extract the folder") from None
         if i % 20000 == 0 and i:
             print(f"  decoded {i}/{len(files)} images ({time.time() - t0:.0f}s)", flush=True)
-    np.save(cache + ".tmp.npy", x)
-    os.replace(cache + ".tmp.npy", cache)
+    save_cache(cache, lambda f: np.save(f, x))   # a read-only folder still keeps the decoded images
     return x, None
 
 
@@ -178,8 +248,7 @@ def save_checkpoint(path, model, ema, opt, step, config):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
              "step": step, "config": config, "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)      # atomic: an interrupted save leaves the old checkpoint
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, model_config):
@@ -189,14 +258,37 @@ def load_checkpoint(path, model_config):
         state = torch.load(path, map_location="cpu", weights_only=True)
         keys = {"model", "ema", "opt", "step", "config", "rng_cpu"}
         if not isinstance(state, dict) or not keys <= state.keys():
-            raise ValueError(f"missing {sorted(keys - set(state)) if isinstance(state, dict) else keys}")
+            raise ValueError(f"missing {sorted(keys - set(state)) if isinstance(state, dict) else sorted(keys)}")
+        if not isinstance(state["config"], dict) or not isinstance(state["config"].get("model"), dict):
+            raise ValueError("its config holds no model")
+        if not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"bad step {state['step']!r}")
     except Exception as e:
         raise UserError(f"{path!r} is corrupt or not a shortcut checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); resume from another one or start afresh") from None
+                        f"{first_line(e)}); resume from another one or start afresh") from None
     if state["config"]["model"] != model_config:
         raise UserError(f"{path!r} holds model {state['config']['model']}, but the flags ask for "
                         f"{model_config}; pass the same --dataset, --model and --patch as that run")
     return state
+
+
+def restore(state, path, model, ema, opt, device):
+    """Loads a checkpoint's weights, optimiser and random state; returns its step."""
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state(state["rng_cuda"][0])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"{path!r} is corrupt or not a shortcut checkpoint ({type(e).__name__}: "
+                        f"{first_line(e)}); resume from another one or start afresh") from None
+    return state["step"]
+
+
+def first_line(e):
+    return (str(e).splitlines() or [""])[0][:200]
 
 
 ################################################################################
@@ -296,6 +388,10 @@ def train(args, model, ema, opt, data, labels, start_step, config, device, rank=
                           f"  {rate:7.0f} img/s  ETA {fmt_time((args.steps - i - 1) * args.batch_size / rate)}", flush=True)
                 sums.zero_()
                 last = now
+            if saving and not all(bool(p.isfinite().all()) for m in (raw, ema) for p in m.parameters()):
+                # the loss of step i was finite, but update i (or the EMA) may not be
+                raise TrainingDiverged(f"the weights or their EMA became non-finite by step {i + 1}; the last "
+                                       f"good checkpoint is kept at {ckpt!r}; lower --lr or raise --warmup")
             if saving and rank == 0:
                 save_checkpoint(ckpt, raw, ema, opt, i + 1, config)
             if interrupted:
@@ -314,14 +410,6 @@ def check_replicas(model, world):
         raise RuntimeError("the DDP replicas drifted apart")
     if torch.distributed.get_rank() == 0:
         print(f"all {world} processes hold identical weights", flush=True)
-
-
-class TrainingDiverged(Exception):
-    pass
-
-
-class Interrupted(Exception):
-    pass
 
 
 def fmt_time(s):
@@ -363,20 +451,20 @@ def frechet_from_stats(mu_a, cov_a, mu_b, cov_b):
 
 
 class DigitsJudge:
-    """A small MLP classifier fit once on the real digits; its hidden layer gives features."""
+    """A small MLP classifier fit once on the real digits; its hidden layer gives features.
+    The weights are cached in `cache`; an unreadable cache is refit and rewritten."""
+
+    SHAPES = {"w0": (64, 128), "b0": (128,), "w1": (128, 10), "b1": (10,)}
 
     def __init__(self, cache):
-        if os.path.isfile(cache):
-            z = np.load(cache)
-            self.w = [z["w0"], z["b0"], z["w1"], z["b1"]]
-        else:
+        self.w = load_arrays(cache, self.SHAPES, "the cached digit classifier")
+        if self.w is None:
             from sklearn.neural_network import MLPClassifier
             x, y = load_digits()
             clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0)
             clf.fit(x.reshape(len(x), -1) / 255.0, y)
             self.w = [clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1]]
-            os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-            np.savez(cache, w0=self.w[0], b0=self.w[1], w1=self.w[2], b1=self.w[3])
+            save_cache(cache, lambda f: np.savez(f, **dict(zip(self.SHAPES, self.w))))
 
     def features(self, x01):
         return np.maximum(x01.reshape(len(x01), -1) @ self.w[0] + self.w[1], 0)
@@ -385,38 +473,70 @@ class DigitsJudge:
         return (self.features(x01) @ self.w[2] + self.w[3]).argmax(1)
 
 
-def inception_features(x01, device, batch_size=200):
-    """pool3 features of the standard FID Inception network, from pytorch-fid or else from
-    torchmetrics (with torch-fidelity); None when neither is installed."""
-    try:
+NO_FID = "install pytorch-fid (pip install pytorch-fid) or torchmetrics[image] for FID"
+
+
+def fid_backend():
+    """Which Inception network is installed: 'pytorch_fid', 'torchmetrics' or None."""
+    return next((m for m in ("pytorch_fid", "torchmetrics") if importlib.util.find_spec(m)), None)
+
+
+@functools.lru_cache(maxsize=1)
+def inception(device):
+    """The standard FID Inception network (pool3, 2048 features) as x01 -> features."""
+    if fid_backend() == "pytorch_fid":
         from pytorch_fid.inception import InceptionV3
         net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
-        embed = lambda x: net(x)[0].flatten(1)                                     # noqa: E731
-    except ImportError:
-        try:
-            from torchmetrics.image.fid import FrechetInceptionDistance
-        except ImportError:
-            return None
-        net = FrechetInceptionDistance(feature=2048).inception.to(device).eval()
-        embed = lambda x: net((x * 255).round().to(torch.uint8)).flatten(1)        # noqa: E731
-    feats = []
-    with torch.no_grad():
-        for i in range(0, len(x01), batch_size):
-            feats.append(embed(torch.as_tensor(x01[i:i + batch_size], device=device).float()).cpu())
+        return lambda x: net(x)[0].flatten(1)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    net = FrechetInceptionDistance(feature=2048).inception.to(device).eval()
+    return lambda x: net((x * 255).round().to(torch.uint8)).flatten(1)
+
+
+@torch.no_grad()
+def inception_features(x01, device, batch_size=200):
+    embed = inception(device)
+    feats = [embed(torch.as_tensor(x01[i:i + batch_size], device=device).float()).cpu()
+             for i in range(0, len(x01), batch_size)]
     return torch.cat(feats).double().numpy()
 
 
 def reference_stats(args, data, device):
     cache = os.path.join(args.data_dir, f"{args.dataset}_fid_stats.npz")
-    if os.path.isfile(cache):
-        z = np.load(cache)
-        return z["mu"], z["cov"]
+    stats = load_arrays(cache, {"mu": (2048,), "cov": (2048, 2048)}, "the cached FID statistics")
+    if stats is not None:
+        return stats
     n = min(len(data), 50_000)
     print(f"computing FID reference statistics from {n} training images (cached in {cache}) ...", flush=True)
     f = inception_features(data[:n].float() / 255, device)
     mu, cov = f.mean(0), np.cov(f, rowvar=False)
-    np.savez(cache, mu=mu, cov=cov)
+    save_cache(cache, lambda fh: np.savez(fh, mu=mu, cov=cov))
     return mu, cov
+
+
+def load_arrays(path, shapes, what):
+    """The arrays named in `shapes` from an .npz cache, or None when it is missing or unusable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = [z[k] for k in shapes]
+        if [a.shape for a in arrays] == list(shapes.values()) and all(np.isfinite(a).all() for a in arrays):
+            return arrays
+        problem = "has the wrong shapes"
+    except Exception as e:         # a truncated or foreign file: zipfile, pickle and key errors alike
+        problem = f"is unreadable ({type(e).__name__})"
+    print(f"{what} {path} {problem}: computing it afresh", flush=True)
+    return None
+
+
+def save_cache(path, write):
+    """A cache is a convenience: failing to write one is reported and the run goes on."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_atomic(path, write)
+    except OSError as e:
+        print(f"could not write the cache {path} ({e.strerror or e}); continuing without it", flush=True)
 
 
 def save_grid(path, x01, nrow):
@@ -430,10 +550,11 @@ def save_grid(path, x01, nrow):
     img = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
     img = Image.fromarray(img[..., 0] if C == 1 else img)
     scale = max(1, 512 // max(img.height, img.width))
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
-def evaluate(args, ema, data, device):
+def evaluate(args, ema, data, device, judge=None):
     """Samples with N = 1, 2, 4, 8, 128 shortcut steps (and the flow sampler) from the same
     noise; writes the grids, samples.npz and metrics.json; returns the metrics."""
     info = DATASETS[args.dataset]
@@ -450,9 +571,9 @@ def evaluate(args, ema, data, device):
           "(flow_128 is shortcut_128: d = 0 is the finest level)", flush=True)
 
     keep = min(n, 1000)
-    np.savez_compressed(os.path.join(args.out, "samples.npz"),
-                        labels=(y[:keep].cpu().numpy() if classes else np.zeros(0, np.int64)),
-                        **{k: v[:keep].numpy() for k, v in samples.items()})
+    arrays = {"labels": y[:keep].cpu().numpy() if classes else np.zeros(0, np.int64),
+              **{k: v[:keep].numpy() for k, v in samples.items()}}
+    write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez_compressed(f, **arrays))
     rows = min(classes or 8, n)
     per_row = max(1, min(10, n // rows))
     order = torch.arange(rows * per_row).view(per_row, rows).T.flatten()   # sample i has class i % classes
@@ -463,8 +584,7 @@ def evaluate(args, ema, data, device):
               torch.stack(cols, 1).flatten(0, 1).numpy(), nrow=rows)
 
     metrics = {"dataset": args.dataset, "n_samples": n, "cfg_scale": args.cfg_scale}
-    if args.dataset == "digits":
-        judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz"))
+    if judge is not None:
         real, _ = load_digits()
         real = real.astype(np.float64) / 255
         perm = np.random.default_rng(0).permutation(len(real))
@@ -477,18 +597,15 @@ def evaluate(args, ema, data, device):
             x = v.double().numpy()
             metrics[k] = {"fd": frechet_distance(judge.features(x[:m]), f_ref),
                           "accuracy": float((judge.predict(x) == y.cpu().numpy()).mean())}
+    elif fid_backend() is None:
+        print(f"FID skipped: {NO_FID}", flush=True)
     else:
-        f = inception_features(samples["shortcut_1"][:1].numpy(), device)
-        if f is None:
-            print("FID skipped: install pytorch-fid (pip install pytorch-fid) or torchmetrics[image]", flush=True)
-        else:
-            mu, cov = reference_stats(args, data, device)
-            metrics["metric"] = "FID (pytorch-fid Inception pool3) against the training set"
-            for k, v in samples.items():
-                f = inception_features(v.numpy(), device)
-                metrics[k] = {"fid": frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu, cov)}
-    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=2)
+        mu, cov = reference_stats(args, data, device)
+        metrics["metric"] = f"FID (Inception pool3, {fid_backend()}) against the training set"
+        for k, v in samples.items():
+            f = inception_features(v.numpy(), device)
+            metrics[k] = {"fid": frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu, cov)}
+    write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     print_table(metrics)
     return metrics
 
@@ -617,7 +734,8 @@ def parse_args(argv=None):
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     a("--compile", action="store_true", help="torch.compile the training step (CUDA)")
     a("--save-every", type=int, default=None, help="steps between checkpoints (default: 1000 digits, 5000 otherwise)")
-    a("--resume", default=None, help="continue from this checkpoint (to --steps in all)")
+    a("--resume", default=None, help="continue from this checkpoint up to --steps in all; one already at or past "
+      "--steps is only sampled and measured. --out must be its folder or hold no checkpoint")
     a("--sample-only", action="store_true", help="with --resume: write the grids and metrics without training")
     a("--log-every", type=float, default=5.0, help="seconds between progress lines (default: 5)")
     a("--benchmark", action="store_true", help="time training and sampling on random data of the dataset's "
@@ -636,17 +754,38 @@ def parse_args(argv=None):
             step_sizes(N)
     except ValueError as e:
         raise UserError(f"--eval-steps {args.eval_steps!r}: {e}") from None
-    for k in ("steps", "batch_size", "n_samples", "save_every", "eval_batch_size"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} must be at least 1")
-    if not 0 <= args.bootstrap_frac <= 1:
-        raise UserError("--bootstrap-frac must be in [0, 1]")
+    for flag, ok, need in [
+            ("--steps", args.steps >= 1, "at least 1"),
+            ("--batch-size", args.batch_size >= 1, "at least 1"),
+            ("--save-every", args.save_every >= 1, "at least 1"),
+            ("--eval-batch-size", args.eval_batch_size >= 1, "at least 1"),
+            ("--n-samples", args.n_samples >= 2, "at least 2 (the metrics fit a covariance)"),
+            ("--bench-steps", args.bench_steps >= 1, "at least 1"),
+            ("--bench-warmup", args.bench_warmup >= 0, "0 or more"),
+            ("--warmup", args.warmup >= 0, "0 or more"),
+            ("--patch", args.patch >= 1, "at least 1"),
+            ("--lr", math.isfinite(args.lr) and args.lr > 0, "a finite number above 0"),
+            ("--weight-decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "finite and 0 or more"),
+            ("--grad-clip", args.grad_clip > 0, "above 0 (inf turns clipping off)"),
+            ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
+            ("--bootstrap-frac", 0 <= args.bootstrap_frac <= 1, "in [0, 1]"),
+            ("--label-dropout", 0 <= args.label_dropout <= 1, "in [0, 1]"),
+            ("--cfg-scale", math.isfinite(args.cfg_scale), "a finite number"),
+            ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2^32)"),
+            ("--log-every", args.log_every >= 0, "0 or more seconds")]:
+        if not ok:
+            raise UserError(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    for flag, path in (("--out", args.out), ("--data-dir", args.data_dir)):
+        if not path:
+            raise UserError(f"{flag} must name a folder")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{flag} {path!r} is a file, not a folder")
     if args.sample_only and not args.resume:
         raise UserError("--sample-only needs --resume PATH, the checkpoint to sample from")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"--device: {e}") from None
     return args
 
 
@@ -695,9 +834,13 @@ def main(argv=None):
         return benchmark(args, mcfg, device)
     state = load_checkpoint(args.resume, mcfg) if args.resume else None
     ckpt = os.path.join(args.out, "checkpoint.pt")
-    if state is None and os.path.isfile(ckpt):
-        raise UserError(f"{ckpt!r} exists; pass --resume {ckpt} to continue that run, or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.isfile(ckpt) and not (args.resume and os.path.samefile(args.resume, ckpt)):
+        raise UserError(f"{ckpt!r} exists; pass --resume {ckpt} to continue that run, or choose another --out"
+                        + (f" (resuming {args.resume!r} there would overwrite it)" if args.resume else ""))
+    check_writable(args.out)
+    judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz")) if args.dataset == "digits" and rank == 0 else None
+    if args.dataset != "digits" and fid_backend() is None:
+        log(rank, f"note: no Inception network, so no FID at the end ({NO_FID})")
     x, y = load_dataset(args.dataset, args.data_dir, args.download)
     data = torch.as_tensor(x).to(device)
     labels = None if y is None else torch.as_tensor(y).to(device)
@@ -705,34 +848,42 @@ def main(argv=None):
     model, ema, opt = build(args, mcfg, device)
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state["rng_cuda"]:
-            torch.cuda.set_rng_state(state["rng_cuda"][0])
+        start = restore(state, args.resume, model, ema, opt, device)
         log(rank, f"resumed from {args.resume} at step {start}")
+        if start >= args.steps and not args.sample_only:
+            log(rank, f"the checkpoint is at step {start}, at or past --steps {args.steps}: nothing to train, "
+                      "so it is only sampled and measured (raise --steps to train on)")
     n_params = sum(p.numel() for p in model.parameters())
     log(rank, f"{args.dataset}: {len(data)} images, DiT-{args.model}/{args.patch} ({n_params / 1e6:.2f}M params), "
               f"device {device} x {world}, batch {args.batch_size}, bootstrap_frac {args.bootstrap_frac}")
     config = {"model": mcfg, "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
     t0 = time.time()
-    if not args.sample_only and start < args.steps:
+    trains = not args.sample_only and start < args.steps
+    if trains:
         ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         train(args, ddp, ema, opt, data, labels, start, config, device, rank, world)
         log(rank, f"trained {args.steps - start} steps in {time.time() - t0:.1f}s")
     metrics = None
     if rank == 0:
-        metrics = evaluate(args, ema.eval(), data, device)
-        wrote = "" if args.sample_only else "checkpoint.pt, "
+        metrics = evaluate(args, ema.eval(), data, device, judge)
+        wrote = "checkpoint.pt, " if trains else ""
         print(f"\ndone in {time.time() - t0:.1f}s; wrote {wrote}grid_N.png, steps.png, samples.npz "
               f"and metrics.json to {args.out}")
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
+
+
+def check_writable(folder):
+    """Fails now, not after hours of training, when the outputs could not be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to --out {folder!r} ({e.strerror or e})") from None
 
 
 def log(rank, msg):
@@ -752,6 +903,15 @@ def cli(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:       # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({first_line(e)[:120]}); lower --batch-size or --eval-batch-size",
+              file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                           # a full disk, say, while writing the outputs
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ import copy
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
-from shortcut import MAX_STEPS, MLP, ema_update, pick_device, sample, seed_everything, shortcut_loss
+from shortcut import MAX_STEPS, MLP, ema_update, pick_device, sample, seed_everything, shortcut_loss, write_atomic
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -206,6 +208,17 @@ def train(name, data, args, bootstrap_frac, device, track=None):
 #                                   Figures                                    #
 ################################################################################
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def save_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
 def plot_samples(path, data, samples, counts):
     import matplotlib.pyplot as plt
     rows = list(samples)
@@ -221,9 +234,7 @@ def plot_samples(path, data, samples, counts):
             if r == 0:
                 ax.set_title("data" if n == "data" else f"{n} step{'s' * (n > 1)}")
         axes[r, 0].set_ylabel(model)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_trajectories(path, data, trajectories, counts, n_paths=250):
@@ -241,9 +252,7 @@ def plot_trajectories(path, data, trajectories, counts, n_paths=250):
             ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="k", zorder=3)
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal",
                    title=f"{model}, {n} step{'s' * (n > 1)}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def true_paths(gm, n=512, seed=0):
@@ -294,9 +303,7 @@ def plot_exact(path, errors, models, one_step, n_points=300):
         ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
         ax.set(aspect="equal", xticks=[], yticks=[], title=f"{name}: one step of size 1 (red: error)")
         ax.legend(loc="lower left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_losses(path, logs, window=50):
@@ -312,9 +319,7 @@ def plot_losses(path, logs, window=50):
     for ax, title in zip(axes, ("flow-matching part", "self-consistency part")):
         ax.set(yscale="log", xlabel="training step", title=f"{title} (running mean)")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_exact_training(path, history):
@@ -327,9 +332,7 @@ def plot_exact_training(path, history):
     ax.set(xlabel="training step", ylabel="RMS error vs exact jump", yscale="log",
            title="learning the shortcut at each step size")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 ################################################################################
@@ -374,10 +377,18 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0.0 <= args.bootstrap_frac <= 1.0:
         p.error("--bootstrap-frac must be in [0, 1]")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number above 0, got {args.lr}")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be in [0, 2^32), got {args.seed}")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not args.out or os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} must name a folder, not a file")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--device: {e}")
     return args
 
 
@@ -410,17 +421,16 @@ def sweep(args, train_data, data, x0):
     ax.set(xscale="log", xlabel="bootstrap fraction", ylabel="sliced W2 to data", title="sweep of bootstrap_frac")
     ax.set_xticks(fracs, ["1/16", "1/8", "1/4", "1/2"])
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "sweep_bootstrap_frac.png"), dpi=110)
-    plt.close(fig)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump({str(k): v for k, v in dist.items()}, f, indent=2)
+    save_figure(fig, os.path.join(args.out, "sweep_bootstrap_frac.png"))
+    save_json(os.path.join(args.out, "sweep.json"), {str(k): v for k, v in dist.items()})
     return dist
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=args.out):     # fail now, not after training, if it is read-only
+        pass
     start = time.time()
     rng = np.random.default_rng(args.seed)
     train_data = sample_data(args.dataset, 100_000, rng)
@@ -468,13 +478,16 @@ def main(argv=None):
             plot_exact_training(os.path.join(args.out, "exact_training.png"), logs["shortcut"]["exact"])
             written.append("exact_training.png")
 
-    np.savez_compressed(os.path.join(args.out, "samples.npz"), data=data,
-                        **{f"{name}_{n}": samples[name][n] for name in models for n in STEP_COUNTS})
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    arrays = {"data": data, **{f"{name}_{n}": samples[name][n] for name in models for n in STEP_COUNTS}}
+    write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez_compressed(f, **arrays))
+    save_json(os.path.join(args.out, "metrics.json"), metrics)
     print(f"\ndone in {time.time() - start:.1f}s; wrote {', '.join(written)}, samples.npz, metrics.json to {args.out}")
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:       # a read-only --out, or a full disk while writing the outputs
+        print(f"train_toy.py: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(2)
