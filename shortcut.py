@@ -298,82 +298,136 @@ class DiT(nn.Module):
 #                                    Losses                                    #
 ################################################################################
 
-def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, **ablations):
-    """The shortcut objective (eqs. 4-5) on a batch of data x1; returns (loss, info).
+@dataclass
+class Targets:
+    """One batch of regression problems: the network should answer s(x_t, t, d, y) = target.
 
-    The first round(bootstrap_frac * B) rows get self-consistency targets and the rest
-    flow-matching targets; bootstrap_frac=0 is plain flow matching. The targets come
-    from `teacher` (an EMA copy, say) or else from `model`, under no_grad. `loss` is the
-    MSE over every element of the batch; info holds each part's MSE as a float ('fm' and
-    'sc', nan for an empty part). clip bounds the bootstrap targets and the intermediate
-    point (None: no clipping). The ablations, for the exercises, are those of shortcut_errors.
+    Every objective in this repository (baselines.py) is a way to build these. Rows [:n_boot]
+    have targets built by a network (bootstrap, self-consistency); the rest come from the data.
     """
-    err, n_sc = shortcut_errors(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac, clip=clip,
-                                **ablations)
-    info = {"fm": err[n_sc:].mean().item() if n_sc < len(err) else float("nan"),
-            "sc": err[:n_sc].mean().item() if n_sc else float("nan")}
-    return err.mean(), info
+    x_t: torch.Tensor
+    t: torch.Tensor
+    d: torch.Tensor
+    y: torch.Tensor | None
+    target: torch.Tensor
+    n_boot: int = 0
+
+    def rows(self, sl):
+        """Only the rows of a slice, as a data-parallel process takes its share of the batch;
+        a slice keeps the bootstrap rows first."""
+        return Targets(self.x_t[sl], self.t[sl], self.d[sl], None if self.y is None else self.y[sl],
+                       self.target[sl], len(range(self.n_boot)[sl]))
 
 
-def shortcut_errors(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, rows=None,
-                    grounded=True, stop_grad=True, d_sampling="dyadic"):
-    """The per-sample squared errors of shortcut_loss, and n_sc: rows [:n_sc] are the
-    self-consistency part. A training loop that must not wait on the GPU uses this directly.
+def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0,
+                     grounded=True, stop_grad=True, d_sampling="dyadic"):
+    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1.
 
-    rows (a slice) is for data parallelism: every process draws the randomness of the whole
-    batch x1 alike and computes only its rows, so P processes reproduce one exactly.
-    Ablations for the exercises (docs/EXERCISES.md); the defaults are the method:
-      grounded=False  no target at 2d = 1/64, so the level d = 1/64 is never supervised and
-                      the 1/32 targets are built on it;
+    The first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad
+    by `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets, so
+    bootstrap_frac=0 is plain flow matching. clip bounds the bootstrap targets and the
+    intermediate point (None: no clipping). The last three keywords are ablations for the
+    exercises (docs/EXERCISES.md); their defaults are the method:
+      grounded=False  no target at 2d = 1/64: the level d = 1/64 is never supervised and the
+                      1/32 targets are built on it;
       stop_grad=False gradients flow through the targets as well;
       d_sampling="uniform"  2d ~ U[1/64, 1] and t ~ U[0, 1 - 2d] instead of the dyadic grid.
     """
+    check_batch(x1, y, clip)
     if not 0.0 <= bootstrap_frac <= 1.0:
         raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
     if d_sampling not in ("dyadic", "uniform"):
         raise ValueError(f"d_sampling must be 'dyadic' or 'uniform', got {d_sampling!r}")
-    if y is not None and y.shape != x1.shape[:1]:
-        raise ValueError(f"y must have shape ({x1.shape[0]},), got {tuple(y.shape)}")
+    B, n_sc = len(x1), round(bootstrap_frac * len(x1))
+
+    # 1. Draw the queries: the big step 2d and its t for the self-consistency rows; for the
+    #    flow-matching rows t ~ U[0, 1] and d = 0, which step_level maps to the finest level.
+    x0 = torch.randn_like(x1)
+    draw = dyadic_steps if d_sampling == "dyadic" else uniform_steps
+    t_sc, d2 = draw(n_sc, x1.device, LEVELS if grounded else LEVELS - 1)
+    t = torch.cat([t_sc, torch.rand(B - n_sc, device=x1.device)])
+    d = torch.cat([d2, torch.zeros(B - n_sc, device=x1.device)])
+    x_t = interpolate(x0, x1, t)                                            # eq. 1
+
+    # 2. Build the targets: v = x1 - x0 (eq. 4), and two jumps of d for one of 2d (eq. 5).
+    target = x1 - x0
+    if n_sc:
+        with torch.no_grad() if stop_grad else contextlib.nullcontext():    # sg[.] of eq. 5
+            y_sc = None if y is None else y[:n_sc]
+            s_sc = two_jumps(teacher or model, x_t[:n_sc], t_sc, d2 / 2, y_sc, clip)
+        target = torch.cat([s_sc.to(target.dtype), target[n_sc:]])
+    return Targets(x_t, t, d, y, target, n_sc)
+
+
+def dyadic_steps(n, device, levels=LEVELS):
+    """n self-consistency queries (t, 2d): 2d = 2^-k for k = 0 .. levels-1, spread evenly over
+    the rows (from a random offset, so that a small batch still reaches every level within a
+    few steps), and t on the grid of multiples of 2d, so that t + 2d <= 1."""
+    k = (torch.arange(n, device=device) + torch.randint(levels, (1,), device=device)) % levels
+    d2 = 0.5 ** k.float()
+    return torch.floor(torch.rand(n, device=device) * 2.0 ** k) * d2, d2
+
+
+def uniform_steps(n, device, levels=LEVELS):
+    """Exercise 6: 2d ~ U[2^-(levels-1), 1] and t ~ U[0, 1 - 2d], off any grid."""
+    finest = 0.5 ** (levels - 1)
+    d2 = finest + (1 - finest) * torch.rand(n, device=device)
+    return torch.rand(n, device=device) * (1 - d2), d2
+
+
+def two_jumps(net, x_t, t, d, y=None, clip=4.0):
+    """The right side of eq. 5: (s(x_t, t, d) + s(x'_{t+d}, t+d, d)) / 2 with
+    x'_{t+d} = x_t + d s(x_t, t, d), the target for one jump of 2d. The official code clips
+    the intermediate point and the target to +-4 (clip=None: no clipping)."""
+    s1 = net(x_t, t, d, y)
+    x_mid = _clip(x_t + bcast(d, x_t) * s1, clip)
+    s2 = net(x_mid, t + d, d, y)
+    return _clip((s1 + s2) / 2, clip)
+
+
+def errors(model, targets):
+    """The squared error of s(x_t, t, d, y) against the targets, averaged over each sample's
+    elements: shape (B,). A training loop that must not wait on the GPU sums these itself."""
+    tg = targets
+    return (model(tg.x_t, tg.t, tg.d, tg.y) - tg.target.to(tg.x_t.dtype)).float().pow(2).flatten(1).mean(1)
+
+
+def regress(model, targets):
+    """(loss, info): the MSE of the network against the targets, with each part's MSE in info
+    as a float ('sc' for the bootstrap rows, 'fm' for the rest; nan for an empty part)."""
+    err, n = errors(model, targets), targets.n_boot
+    info = {"fm": err[n:].mean().item() if n < len(err) else float("nan"),
+            "sc": err[:n].mean().item() if n else float("nan")}
+    return err.mean(), info
+
+
+def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0,
+                  grounded=True, stop_grad=True, d_sampling="dyadic"):
+    """The shortcut objective on a batch of data x1: (loss, info), where loss is the MSE over
+    every element, so the two parts weigh by their batch share. See shortcut_targets."""
+    return regress(model, shortcut_targets(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac,
+                                           clip=clip, grounded=grounded, stop_grad=stop_grad,
+                                           d_sampling=d_sampling))
+
+
+def interpolate(x0, x1, t):
+    """x_t = (1 - t) x0 + t x1 (eq. 1), for t of shape (B,)."""
+    t = bcast(t, x1)
+    return (1 - t) * x0 + t * x1
+
+
+def bcast(v, x):
+    """A per-row scalar (B,) shaped to broadcast against x (B, ...)."""
+    return v.view((-1,) + (1,) * (x.ndim - 1))
+
+
+def check_batch(x1, y, clip):
     if len(x1) == 0:
         raise ValueError("the batch x1 is empty: the loss of no samples is undefined")
+    if y is not None and y.shape != x1.shape[:1]:
+        raise ValueError(f"y must have shape ({x1.shape[0]},), got {tuple(y.shape)}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be positive (or None for no clipping), got {clip}")
-    teacher = model if teacher is None else teacher
-    B, dev = x1.shape[0], x1.device
-    n_sc = round(bootstrap_frac * B)
-    x0 = torch.randn_like(x1)
-    bshape = (B,) + (1,) * (x1.ndim - 1)
-
-    # Self-consistency rows: the big step 2d = 2^-k, levels spread evenly over the rows;
-    # t on the grid of multiples of 2d so that t + 2d <= 1. Flow-matching rows: d = 0.
-    levels = LEVELS if grounded else LEVELS - 1
-    k = (torch.arange(n_sc, device=dev) + torch.randint(levels, (1,), device=dev)) % levels
-    d2 = 0.5 ** k.float()
-    t_sc = torch.floor(torch.rand(n_sc, device=dev) * 2.0 ** k) * d2
-    if d_sampling == "uniform":
-        d2 = 2 / MAX_STEPS + (1 - 2 / MAX_STEPS) * torch.rand(n_sc, device=dev)
-        t_sc = torch.rand(n_sc, device=dev) * (1 - d2)
-    t = torch.cat([t_sc, torch.rand(B - n_sc, device=dev)])
-    d_query = torch.cat([d2, torch.zeros(B - n_sc, device=dev)])
-    if rows is not None:      # the SC rows stay first: a slice keeps the order
-        n_sc, B = len(range(n_sc)[rows]), len(range(B)[rows])
-        x0, x1, t, d_query = x0[rows], x1[rows], t[rows], d_query[rows]
-        y, bshape = None if y is None else y[rows], (B,) + bshape[1:]
-    tb = t.view(bshape)
-    x_t = (1 - tb) * x0 + tb * x1                                  # eq. 1
-
-    target = x1 - x0                                               # v, eq. 4
-    if n_sc:
-        x_sc, t_sc, d = x_t[:n_sc], t[:n_sc], d_query[:n_sc] / 2
-        y_sc, db = None if y is None else y[:n_sc], d.view((-1,) + bshape[1:])
-        with torch.no_grad() if stop_grad else contextlib.nullcontext():      # sg[.] of eq. 5
-            s1 = teacher(x_sc, t_sc, d, y_sc)
-            x_mid = _clip(x_sc + db * s1, clip)
-            s2 = teacher(x_mid, t_sc + d, d, y_sc)
-            target = torch.cat([_clip((s1 + s2) / 2, clip), target[n_sc:]])
-
-    err = (model(x_t, t, d_query, y) - target.to(x_t.dtype)).float().pow(2)
-    return err.flatten(1).mean(1), n_sc
 
 
 def _clip(x, clip):
@@ -403,7 +457,7 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, trajectory=Fa
     for size in sizes:
         tt = torch.full((B,), t, device=x0.device)
         dd = torch.full((B,), 0.0 if flow else size, device=x0.device)
-        x = x + size * _guided(model, x, tt, dd, y, cfg_scale)
+        x = x + size * guided(model, x, tt, dd, y, cfg_scale)
         t += size
         path.append(x)
     return (x, torch.stack(path)) if trajectory else x
@@ -426,7 +480,8 @@ def step_sizes(steps, flow=False):
     return [1.0 / steps] * int(steps)
 
 
-def _guided(model, x, t, d, y, w):
+def guided(model, x, t, d, y, w):
+    """s_u + w (s_c - s_u), classifier-free guidance; the conditional model alone when w = 1."""
     if y is None or w == 1.0:
         return model(x, t, d, y)
     null = torch.full_like(y, model.num_classes)

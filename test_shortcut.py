@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines as B
 import shortcut as S
 import train_images as ti
 import train_toy as toy
@@ -265,6 +266,209 @@ def test_sampler_rejects_bad_steps(steps):
 
 
 ################################################################################
+#           Table 1: every objective as a target builder (baselines.py)         #
+################################################################################
+
+class CosineGaussian(torch.nn.Module):
+    """The exact velocity of the cosine path x_t = cos(pi t/2) x0 + sin(pi t/2) x1 for
+    x1 ~ N(mu, s^2 I): x_t ~ N(b mu, sigma^2), sigma^2 = a^2 + b^2 s^2, v = b' mu + sigma'/sigma (x - b mu)."""
+
+    num_classes = 0
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s = torch.as_tensor(mu, dtype=torch.float64), s
+
+    def coefficients(self, t):
+        a, b = torch.cos(math.pi / 2 * t.double())[:, None], torch.sin(math.pi / 2 * t.double())[:, None]
+        return a, b, torch.sqrt(a ** 2 + b ** 2 * self.s ** 2)
+
+    def flow(self, x, t, d):
+        a, b, sigma = self.coefficients(t)
+        _, b2, sigma2 = self.coefficients(t + d)
+        return b2 * self.mu + sigma2 / sigma * (x.double() - b * self.mu)
+
+    def forward(self, x, t, d, y=None):
+        a, b, sigma = self.coefficients(t)
+        da, db = -math.pi / 2 * b, math.pi / 2 * a
+        dsigma = (a * da + b * db * self.s ** 2) / sigma
+        return (db * self.mu + dsigma / sigma * (x.double() - b * self.mu)).to(x.dtype)
+
+
+def gaussian_batch(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor(MU, dtype=torch.float64) + SCALE * torch.randn(n, 2, dtype=torch.float64, generator=g)
+
+
+def test_the_registry_holds_every_row_of_table_1():
+    assert set(B.OBJECTIVES) == {"flow", "shortcut", "consistency-training", "consistency-distillation",
+                                 "progressive-distillation", "reflow", "live-reflow", "diffusion"}
+    assert {n for n, o in B.OBJECTIVES.items() if o.two_phase} == {"consistency-distillation",
+                                                                    "progressive-distillation", "reflow"}
+    for name in ("consistency-distillation", "progressive-distillation", "reflow"):
+        with pytest.raises(ValueError, match=name):
+            B.make_targets(name, S.MLP(), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="unknown objective"):
+        B.make_targets("distillation", S.MLP(), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="progress"):
+        B.make_targets("shortcut", S.MLP(), torch.randn(4, 2), progress=1.5)
+
+
+def test_shortcut_and_progressive_distillation_targets_are_the_exact_jump():
+    """With the exact Gaussian shortcut as model and teacher, two jumps of d are one of 2d."""
+    exact, x1 = GaussianShortcut(MU, SCALE), gaussian_batch()
+    torch.manual_seed(0)
+    tg = S.shortcut_targets(exact, x1, bootstrap_frac=0.5, clip=None)
+    n = tg.n_boot
+    assert n == 256
+    torch.testing.assert_close(tg.target[:n], exact(tg.x_t, tg.t, tg.d)[:n], rtol=0, atol=1e-9)
+    for progress in np.linspace(0, 1, 8):
+        tg = B.make_targets("progressive-distillation", exact, x1, teacher=exact, progress=progress, clip=None)
+        torch.testing.assert_close(tg.target, exact(tg.x_t, tg.t, tg.d), rtol=0, atol=1e-9)
+
+
+def test_consistency_distillation_target_is_the_exact_jump_to_order_h():
+    """One Euler step of h = 1/128 by the teacher, then the exact jump to the end: the target
+    misses the exact s(x_t, t, 1 - t) by O(h^2) / (1 - t) = O(h) at worst."""
+    exact, x1 = GaussianShortcut(MU, SCALE), gaussian_batch(4096)
+    torch.manual_seed(0)
+    tg = B.make_targets("consistency-distillation", exact, x1, teacher=exact)
+    torch.testing.assert_close(tg.d, 1 - tg.t)
+    err = (tg.target - exact(tg.x_t, tg.t, tg.d)).abs().max(1).values
+    h = 1 / 128                              # measured: err (1 - t) <= 7.7 h^2, err <= 2.5 h
+    assert (err * (1 - tg.t)).max() < 10 * h ** 2 and err.max() < 4 * h, (err.max(), err.mean())
+    assert err.max() > 1e-6                  # not exact: the teacher's Euler step is an approximation
+
+
+def test_query_grids_and_curricula():
+    x1 = gaussian_batch(2048)
+    for progress in np.linspace(0, 1, 15):
+        k = min(int(progress * 7), 6)
+        tg = B.make_targets("consistency-training", S.MLP().double(), x1, progress=progress)
+        dt = 0.5 ** k                                            # 1, 1/2, ..., 1/64 as training goes on
+        assert torch.all(torch.remainder(tg.t, dt) == 0) and tg.t.max() <= 1 - dt
+        torch.testing.assert_close(tg.d, 1 - tg.t)
+        tg = B.make_targets("progressive-distillation", S.MLP().double(), x1, teacher=S.MLP().double(),
+                            progress=progress)
+        d = 2.0 ** (k - 6)                                       # stage j trains d = 2^-(6-j): 1/64 first
+        assert torch.all(tg.d == d) and torch.all(torch.remainder(tg.t, d) == 0) and tg.t.max() <= 1 - d
+    stages = [i for i in range(700) if B.new_stage("progressive-distillation", i / 700, (i + 1) / 700)]
+    assert stages == [99, 199, 299, 399, 499, 599]               # the teacher is refreshed 6 times
+    assert not any(B.new_stage("shortcut", i / 700, (i + 1) / 700) for i in range(700))
+    for name in ("flow", "diffusion", "reflow"):                 # velocity objectives are told d = 0
+        tg = B.make_targets(name, S.MLP().double(), x1, teacher=S.MLP().double())
+        assert torch.all(tg.d == 0)
+    tg = B.make_targets("live-reflow", S.MLP().double(), x1)
+    assert tg.n_boot == 256 and torch.all(tg.d[:256] == 1) and torch.all(tg.d[256:] == 0)
+
+
+def test_diffusion_targets_are_the_velocity_of_the_cosine_path():
+    torch.manual_seed(0)
+    x1 = gaussian_batch(64)
+    tg = B.make_targets("diffusion", S.MLP().double(), x1)
+    a, b = torch.cos(math.pi / 2 * tg.t)[:, None], torch.sin(math.pi / 2 * tg.t)[:, None]
+    x0 = (tg.x_t - b * x1) / a                                  # the noise the builder drew
+    h, t = 1e-6, tg.t.double()
+    path = lambda t: torch.cos(math.pi / 2 * t)[:, None] * x0 + torch.sin(math.pi / 2 * t)[:, None] * x1  # noqa: E731
+    torch.testing.assert_close(tg.target, (path(t + h) - path(t - h)) / (2 * h), rtol=0, atol=1e-5)
+    model = CosineGaussian(MU, SCALE)                           # Euler on its ODE reaches the exact map
+    x = torch.randn(1000, 2, dtype=torch.float64)
+    exact = model.flow(x, torch.zeros(1000), torch.ones(1000))
+    errors = [(B.OBJECTIVES["diffusion"].sample(model, x, n) - exact).norm(dim=1).mean().item() for n in (16, 32, 64)]
+    assert all(1.8 < a / b < 2.2 for a, b in zip(errors, errors[1:])) and errors[-1] < 0.02, errors
+
+
+def test_consistency_samplers_with_the_exact_model():
+    """With the exact shortcut, one step to the end is the flow map; the multistep rule's fresh
+    noise keeps every intermediate point on the true marginal p_t, so any N samples the data."""
+    exact = GaussianShortcut(MU, SCALE)
+    x0 = torch.randn(200, 2, dtype=torch.float64)
+    target = exact.flow(x0, torch.zeros(200), torch.ones(200))
+    for name in ("consistency-distillation", "consistency-training"):
+        torch.testing.assert_close(B.OBJECTIVES[name].sample(exact, x0, 1), target, rtol=0, atol=1e-9)
+    torch.manual_seed(0)
+    x = B.sample_multistep(exact, torch.randn(200_000, 2, dtype=torch.float64), 4)
+    torch.testing.assert_close(x.mean(0), torch.tensor(MU, dtype=torch.float64), rtol=0, atol=0.01)
+    torch.testing.assert_close(x.std(0), torch.full((2,), SCALE, dtype=torch.float64), rtol=0, atol=0.01)
+
+
+def test_targets_rows_split_the_batch_like_the_processes():
+    torch.manual_seed(0)
+    tg = S.shortcut_targets(S.MLP(), torch.randn(10, 2), bootstrap_frac=0.3)
+    parts = [tg.rows(slice(r, None, 3)) for r in range(3)]
+    assert [p.n_boot for p in parts] == [1, 1, 1] and sum(len(p.t) for p in parts) == 10
+    torch.testing.assert_close(parts[1].target, tg.target[1::3])
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    """One short --table1 run for the tests: every objective for 30 steps."""
+    out = tmp_path_factory.mktemp("table1")
+    flags = ["--table1", "--steps", "30", "--width", "16", "--n-samples", "500", "--log-every", "100", "--out", str(out)]
+    return out, flags, toy.main(flags)
+
+
+def test_table1_writes_its_outputs_and_every_objective_samples(tiny_table):
+    out, _, metrics = tiny_table
+    npz = np.load(out / "table1.npz")
+    assert npz["data"].shape == (500, 2)
+    for name in B.OBJECTIVES:
+        assert (out / f"{name}.pt").exists()
+        for n in (1, 2, 4, 8, 128):
+            assert npz[f"{name}_{n}"].shape == (500, 2) and np.isfinite(npz[f"{name}_{n}"]).all(), (name, n)
+    md = (out / "table1.md").read_text()
+    assert all(f"| {name} |" in md for name in B.OBJECTIVES) and "data vs data" in md
+    assert (out / "table1.png").stat().st_size > 0
+    assert metrics["budget_steps"]["reflow"] == "30 + 30 teacher" and metrics["budget_steps"]["shortcut"] == "30"
+    assert 0 <= metrics["off_mode"]["shortcut"][1] <= 1 and metrics["jump_error"]["diffusion"] is None
+
+
+def test_table1_reuses_its_checkpoints(tiny_table, capsys):
+    out, flags, metrics = tiny_table
+    again = toy.main(flags + ["--reuse"])
+    assert "step " not in capsys.readouterr().out              # nothing was trained
+    assert again["sliced_w2"]["shortcut"] == metrics["sliced_w2"]["shortcut"]
+
+
+def test_off_mode_fraction_of_data_is_the_gaussian_tail():
+    gm = toy.ring()
+    x = gm.sample(200_000, np.random.default_rng(0))
+    assert toy.off_mode_fraction(x, gm) == pytest.approx(math.exp(-4.5), abs=0.001)   # P(chi2_2 > 9)
+    assert toy.off_mode_fraction(np.zeros((10, 2)), gm) == 1.0                         # the ring's centre
+
+
+def test_images_two_phase_run_keeps_its_teacher_and_resumes(tmp_path, data_dir, capsys, monkeypatch):
+    """Progressive distillation changes its teacher at every stage (here every step): the
+    checkpoint keeps it, so a run stopped after step 3 and resumed equals an unbroken one."""
+    flow = tmp_path / "flow"
+    ti.main(TINY + ["--objective", "flow", "--steps", "2", "--out", str(flow), "--data-dir", data_dir])
+    common = TINY + ["--objective", "progressive-distillation", "--data-dir", data_dir, "--save-every", "3",
+                     "--steps", "6"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    teacher = ["--teacher", str(flow / "checkpoint.pt")]
+    ti.main(common + teacher + ["--out", str(full)])
+    save = ti.save_checkpoint
+
+    def save_and_stop(path, *a, **k):
+        save(path, *a, **k)
+        raise ti.Interrupted("stopped after the first checkpoint")
+    monkeypatch.setattr(ti, "save_checkpoint", save_and_stop)
+    with pytest.raises(ti.Interrupted):
+        ti.main(common + teacher + ["--out", str(part)])
+    monkeypatch.setattr(ti, "save_checkpoint", save)
+    assert weights(part / "checkpoint.pt")["step"] == 3
+    ti.main(common + ["--out", str(part), "--resume", str(part / "checkpoint.pt")])
+    a, b = weights(full / "checkpoint.pt"), weights(part / "checkpoint.pt")
+    assert "teacher" in a
+    for key in ("model", "ema", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    code, err = run_cli(TINY + ["--objective", "reflow", "--steps", "2", "--out", str(tmp_path / "r"),
+                                "--data-dir", data_dir], capsys)
+    assert code == 2 and "two-phase: pass --teacher" in err and len(err.splitlines()) == 1
+
+
+################################################################################
 #                                    Models                                    #
 ################################################################################
 
@@ -352,14 +556,17 @@ def test_short_training_shortcut_beats_flow_at_one_step():
 
 def test_toy_script_writes_its_outputs(tmp_path):
     metrics = toy.main(["--steps", "30", "--n-samples", "2000", "--width", "32", "--out", str(tmp_path)])
-    for f in ("samples.png", "trajectories.png", "losses.png", "exact.png", "samples.npz", "metrics.json"):
+    for f in ("samples.png", "trajectories.png", "losses.png", "exact.png", "samples.npz", "metrics.json", "shortcut.pt"):
         assert (tmp_path / f).stat().st_size > 0
     npz = np.load(tmp_path / "samples.npz")
     assert npz["data"].shape == (2000, 2)
     for n in toy.STEP_COUNTS:
         assert npz[f"shortcut_{n}"].shape == npz[f"flow_{n}"].shape == (2000, 2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["floor"] == pytest.approx(metrics["floor"]) and set(saved["shortcut"]) == {str(n) for n in toy.STEP_COUNTS}
+    w2 = saved["sliced_w2"]
+    assert w2["data vs data"] == pytest.approx(metrics["sliced_w2"]["data vs data"])
+    assert set(w2["shortcut"]) == set(saved["off_mode"]["flow"]) == {str(n) for n in toy.STEP_COUNTS}
+    assert 0 < saved["off_mode"]["data"] < 0.03 and 0 <= saved["off_mode"]["flow"]["1"] <= 1
 
 
 @pytest.mark.parametrize("name", toy.DATASETS)
@@ -480,8 +687,8 @@ def test_digits_end_to_end(tmp_path, data_dir):
     npz = np.load(out / "samples.npz")
     assert npz["shortcut_1"].shape == (20, 1, 8, 8) and npz["labels"].tolist() == [i % 10 for i in range(20)]
     assert 0 <= npz["shortcut_2"].min() and npz["shortcut_2"].max() <= 1
-    assert set(metrics) >= {"floor", "shortcut_1", "shortcut_2", "flow_1", "flow_2"}
-    assert 0 < metrics["floor"] < metrics["shortcut_1"]["fd"]       # 4 steps of training: far from data
+    assert set(metrics) >= {"real_vs_real", "shortcut_1", "shortcut_2", "velocity_1", "velocity_2", "train_seconds"}
+    assert 0 < metrics["real_vs_real"] < metrics["shortcut_1"]["fd"]       # 4 steps of training: far from data
     assert weights(out / "checkpoint.pt")["step"] == 4
 
 
@@ -538,13 +745,13 @@ def test_cli_errors_are_one_line_and_keep_checkpoints(tmp_path, data_dir, capsys
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     calls = {"n": 0}
-    real = ti.shortcut_errors
+    real = ti.errors
 
     def poisoned(*a, **k):
-        err, n_sc = real(*a, **k)
+        err = real(*a, **k)
         calls["n"] += 1
-        return (err * float("nan") if calls["n"] > 4 else err), n_sc
-    monkeypatch.setattr(ti, "shortcut_errors", poisoned)
+        return err * float("nan") if calls["n"] > 4 else err
+    monkeypatch.setattr(ti, "errors", poisoned)
     out = tmp_path / "run"
     code, err = run_cli(TINY + ["--steps", "8", "--save-every", "2", "--out", str(out), "--data-dir", data_dir], capsys)
     assert code == 1 and "non-finite" in err
@@ -783,23 +990,23 @@ def test_benchmark_mode_prints_its_figures(capsys):
     ti.main(["--benchmark", "--device", "cpu", "--model", "tiny", "--batch-size", "16",
              "--bench-steps", "2", "--bench-warmup", "1", "--eval-batch-size", "100"])   # > 4 batches of data
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("flow matching", "shortcut (frac"))]
-    assert len(rows) == 2 and all(float(r[-4]) > 0 and float(r[-3]) > 0 for r in rows)   # img/s, ms/step
-    assert "shortcut / flow-matching step time:" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] and line.split()[0] in B.OBJECTIVES}
+    assert list(rows) == list(B.OBJECTIVES)
+    assert all(float(r[0]) > 0 and float(r[1]) > 0 for r in rows.values()) and rows["flow"][2] == "1.000"
     assert [line.split()[1] for line in out.splitlines() if "sampling," in line] == ["1", "128"]
 
 
-def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
+def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir, capsys):
     """torchrun with 2 CPU processes and the same global batch reproduces a single process."""
     common = [*TINY, "--steps", "3", "--data-dir", data_dir, "--batch-size", "16", "--log-every", "0"]
-    one = subprocess.run([sys.executable, "train_images.py", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300)
+    ti.main(common + ["--out", str(tmp_path / "one")])
+    one = capsys.readouterr().out
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train_images.py", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
     assert "all 2 processes hold identical weights" in two.stdout
-    losses = [[line.split()[3:6] for line in r.stdout.splitlines() if line.startswith("step")] for r in (one, two)]
+    losses = [[line.split()[3:6] for line in out.splitlines() if line.startswith("step")] for out in (one, two.stdout)]
     assert len(losses[0]) == 3
     np.testing.assert_allclose(np.array(losses[0])[:, [0, 2]].astype(float),
                                np.array(losses[1])[:, [0, 2]].astype(float), rtol=1e-3)
@@ -814,7 +1021,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
 
 @pytest.fixture(scope="module")
 def ring_paths():
-    return toy.true_paths(toy.ring(), n=256)
+    return toy.mixture_paths("ring")
 
 
 @functools.lru_cache(maxsize=None)
@@ -822,7 +1029,7 @@ def quick_train(*flags, frac=0.25, steps=400):
     """A small toy model, trained once per session for each setting."""
     args = toy.parse_args(["--steps", str(steps), "--batch-size", "256", "--width", "64", "--log-every", "100", *flags])
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
-    model, log = toy.train("test", data, args, frac, torch.device("cpu"))
+    model, log = toy.train("test", data, args, torch.device("cpu"), bootstrap_frac=frac)
     return model, log
 
 
@@ -896,7 +1103,7 @@ def test_exercise_6_uniform_d_gives_a_one_step_sampler_but_a_worse_one():
 def test_exercise_7_the_exact_error_falls_with_training_at_every_d(ring_paths):
     args = toy.parse_args(["--steps", "400", "--batch-size", "256", "--width", "64", "--track-exact", "200"])
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
-    _, log = toy.train("test", data, args, 0.25, torch.device("cpu"), track=lambda m: toy.exact_errors(m, ring_paths))
+    _, log = toy.train("test", data, args, torch.device("cpu"), track=lambda m: toy.exact_errors(m, ring_paths))
     first, last = log["exact"][1], log["exact"][400]
     assert set(log["exact"]) == {1, 200, 400}
     assert all(last[n] < 0.75 * first[n] for n in toy.STEP_COUNTS), (first, last)
@@ -904,7 +1111,7 @@ def test_exercise_7_the_exact_error_falls_with_training_at_every_d(ring_paths):
 
 def test_exercise_8_a_slow_ema_teacher_lags_in_a_short_run():
     online, _ = quick_train()
-    ema, _ = quick_train("--teacher", "ema")                     # decay 0.999: a horizon of ~1000 steps
+    ema, _ = quick_train("--ema-teacher")                     # decay 0.999: a horizon of ~1000 steps
     assert one_step_w2(ema) > 1.5 * one_step_w2(online)
 
 

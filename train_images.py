@@ -27,6 +27,7 @@ MFU. Several GPUs: torchrun --nproc_per_node=N train_images.py ... (--batch-size
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -42,6 +43,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,7 +53,8 @@ try:                                   # where numpy pickles keep the array cons
 except ImportError:                    # numpy < 2
     from numpy.core.multiarray import _reconstruct
 
-from shortcut import (DiT, DiTConfig, dit_config, ema_update, pick_device, sample, seed_everything, shortcut_errors,
+from baselines import OBJECTIVES, make_targets, new_stage, objective
+from shortcut import (LEVELS, DiT, DiTConfig, dit_config, ema_update, errors, pick_device, sample, seed_everything,
                       step_sizes, write_atomic)
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -60,14 +63,28 @@ CIFAR_BATCH_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_bat
                    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
                    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
 
-# Per-dataset defaults for the flags left unset.
-DATASETS = {
-    "digits": dict(size=8, channels=1, classes=10, flip=False, model="XS", patch=2, batch_size=128,
-                   steps=3000, lr=2e-3, warmup=200, n_samples=1000, save_every=1000),
-    "cifar10": dict(size=32, channels=3, classes=10, flip=True, model="B", patch=2, batch_size=256,
-                    steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000, save_every=5000),
-    "celeba": dict(size=64, channels=3, classes=0, flip=True, model="B", patch=4, batch_size=64,
-                   steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000, save_every=5000),
+
+
+@dataclass(frozen=True)
+class Data:
+    """Facts about a data set."""
+    size: int          # images are size x size
+    channels: int
+    classes: int       # 0: unconditional
+    flip: bool         # random horizontal flips
+
+
+DATA = {"digits": Data(8, 1, 10, False), "cifar10": Data(32, 3, 10, True), "celeba": Data(64, 3, 0, True)}
+
+# The defaults of the flags that depend on the data set: the official recipe's learning rate
+# and batch sizes for the image sets, and what was measured best for digits (README).
+DEFAULTS = {
+    "digits": dict(model="XS", patch=2, batch_size=128, steps=3000, lr=2e-3, warmup=200, n_samples=1000,
+                   save_every=1000),
+    "cifar10": dict(model="B", patch=2, batch_size=256, steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000,
+                    save_every=5000),
+    "celeba": dict(model="B", patch=4, batch_size=64, steps=400_000, lr=1e-4, warmup=5000, n_samples=10_000,
+                   save_every=5000),
 }
 
 
@@ -228,7 +245,7 @@ def load_dataset(name, data_dir, download=False):
         return load_digits()
     if name == "cifar10":
         return load_cifar10(data_dir, download)
-    return load_celeba(data_dir, DATASETS[name]["size"])
+    return load_celeba(data_dir, DATA[name].size)
 
 
 def get_batch(data, labels, batch_size, flip):
@@ -244,16 +261,23 @@ def get_batch(data, labels, batch_size, flip):
 #                                  Checkpoints                                 #
 ################################################################################
 
-def save_checkpoint(path, model, ema, opt, step, config):
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-             "step": step, "config": config, "rng_cpu": torch.get_rng_state(),
+def save_checkpoint(path, args, model, ema, opt, step, teacher=None):
+    """The whole training state; a two-phase run keeps its teacher too (progressive
+    distillation's changes from stage to stage)."""
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+             "config": {"model": dataclasses.asdict(model.cfg),
+                        "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}},
+             "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if teacher is not None and objective(args.objective).two_phase:
+        state["teacher"] = teacher.state_dict()
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, model_config):
+def load_checkpoint(path, cfg, what="--resume"):
+    """A checkpoint's state, checked to hold a model of config cfg; UserError otherwise."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path!r}; check the --resume path")
+        raise UserError(f"no checkpoint at {path!r}; check the {what} path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         keys = {"model", "ema", "opt", "step", "config", "rng_cpu"}
@@ -266,20 +290,22 @@ def load_checkpoint(path, model_config):
     except Exception as e:
         raise UserError(f"{path!r} is corrupt or not a shortcut checkpoint ({type(e).__name__}: "
                         f"{first_line(e)}); resume from another one or start afresh") from None
-    if state["config"]["model"] != model_config:
+    if state["config"]["model"] != dataclasses.asdict(cfg):
         raise UserError(f"{path!r} holds model {state['config']['model']}, but the flags ask for "
-                        f"{model_config}; pass the same --dataset, --model and --patch as that run")
+                        f"{dataclasses.asdict(cfg)}; pass the same --dataset, --model and --patch as that run")
     return state
 
 
-def restore(state, path, model, ema, opt, device):
-    """Loads a checkpoint's weights, optimiser and random state; returns its step."""
+def restore(state, path, model, ema, opt, teacher=None):
+    """Loads a checkpoint's weights, optimiser, teacher and random state; returns its step."""
     try:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        if teacher is not None and "teacher" in state:
+            teacher.load_state_dict(state["teacher"])
         torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda"):
+        if torch.cuda.is_available() and state.get("rng_cuda"):
             torch.cuda.set_rng_state(state["rng_cuda"][0])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
         raise UserError(f"{path!r} is corrupt or not a shortcut checkpoint ({type(e).__name__}: "
@@ -303,27 +329,39 @@ def lr_at(step, args):
     return args.lr * warm
 
 
-def make_step(args, model, ema, opt, device, rank=0, world=1):
-    """One optimisation step on a global batch: step(x1, y, i) -> the tensor of
-    [fm error sum, sc error sum, fm rows, sc rows, non-finite flag] of this process's rows.
+STATS = ("fm_sum", "sc_sum", "fm_rows", "sc_rows", "non_finite")   # what a step returns, in order
 
-    Nothing in it waits for the GPU. With --compile the forward and backward are compiled
-    together; AdamW is fused and the EMA is one foreach op, so they stay outside.
+
+def make_step(args, model, ema, opt, teacher=None):
+    """One optimisation step on a global batch: step(x1, y, i) -> a tensor of the STATS of
+    this process's rows (the summed errors of each part, their row counts, a non-finite flag).
+
+    Every process builds the targets of the whole batch (the same draws everywhere) and
+    regresses its own rows of them. Nothing in it waits for the GPU. With --compile the
+    targets, forward and backward are compiled together; AdamW is fused and the EMA is one
+    foreach op, so they stay outside.
     """
+    rank, world = process_rank()
     raw = model.module if world > 1 else model
-    teacher = ema if args.ema_teacher else raw       # no_grad queries skip the DDP wrapper
-    rows = slice(rank, None, world) if world > 1 else None
+    device = next(raw.parameters()).device
+    if teacher is None and args.ema_teacher:
+        teacher = ema
+    options = {"bootstrap_frac": args.bootstrap_frac} if args.objective == "shortcut" else {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def forward_backward(x1, y):
+    def forward_backward(x1, y, progress):
         with autocast:
-            err, n_sc = shortcut_errors(model, x1, y, teacher=teacher, bootstrap_frac=args.bootstrap_frac, rows=rows)
+            # no_grad target queries use the raw model: they skip the DDP wrapper
+            tg = make_targets(args.objective, raw, x1, y, teacher=teacher, progress=progress, **options)
+            if world > 1:
+                tg = tg.rows(slice(rank, None, world))
+            err = errors(model, tg)
         loss = err.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        e = err.detach()
-        counts = e.new_tensor([len(e) - n_sc, n_sc])
-        return torch.cat([torch.stack([e[n_sc:].sum(), e[:n_sc].sum()]), counts, (~torch.isfinite(loss)).float()[None]])
+        e, n = err.detach(), tg.n_boot
+        return torch.stack([e[n:].sum(), e[:n].sum(), e.new_tensor(len(e) - n), e.new_tensor(n),
+                            (~torch.isfinite(loss)).float()])
 
     if args.compile and device.type == "mps":
         print("--compile is skipped on mps", flush=True)
@@ -334,9 +372,13 @@ def make_step(args, model, ema, opt, device, rank=0, world=1):
         for g in opt.param_groups:
             g["lr"] = lr_at(i, args)
         opt.zero_grad(set_to_none=True)
-        stats = forward_backward(x1, y)
+        # the curricula move in LEVELS stages: passing the stage's start keeps a compiled step
+        # from recompiling for every new value of the float
+        stats = forward_backward(x1, y, math.floor(i / args.steps * LEVELS) / LEVELS)
         opt.step()
         ema_update(ema, raw, min(args.ema, (1 + i) / (10 + i)))
+        if new_stage(args.objective, i / args.steps, (i + 1) / args.steps):
+            teacher.load_state_dict(raw.state_dict())       # progressive distillation's next stage
         return stats
     return step
 
@@ -360,32 +402,33 @@ def deferred_interrupt(enabled):
             signal.signal(signal.SIGINT, previous)
 
 
-def train(args, model, ema, opt, data, labels, start_step, config, device, rank=0, world=1):
-    info = DATASETS[args.dataset]
-    step = make_step(args, model, ema, opt, device, rank, world)
+def train(args, model, ema, opt, data, labels, start, teacher=None):
+    """Steps start .. --steps: logs, checkpoints (only finite ones) and stops on Ctrl-C."""
+    rank, world = process_rank()
     raw = model.module if world > 1 else model
+    step = make_step(args, model, ema, opt, teacher)
     ckpt = os.path.join(args.out, "checkpoint.pt")
-    sums = torch.zeros(5, device=device)      # summed on the device: no sync per step
+    sums = torch.zeros(len(STATS), device=data.device)      # summed on the device: no sync per step
     t0, last, done = time.time(), time.time(), 0
     with deferred_interrupt(world == 1) as interrupted:
-        for i in range(start_step, args.steps):
-            # every process draws the same global batch and noise and computes its own rows
-            x1, y = get_batch(data, labels, args.batch_size, info["flip"])
-            sums += step(x1, drop_labels(y, args.label_dropout, info["classes"]), i)
+        for i in range(start, args.steps):
+            # every process draws the same global batch and noise, and computes its own rows
+            x1, y = get_batch(data, labels, args.batch_size, DATA[args.dataset].flip)
+            sums += step(x1, drop_labels(y, args.label_dropout, raw.num_classes), i)
             done += 1
             now = time.time()
             saving = (i + 1) % args.save_every == 0 or i + 1 == args.steps or bool(interrupted)
             if now - last > args.log_every or saving:
                 if world > 1:
                     torch.distributed.all_reduce(sums)
-                fm_sum, sc_sum, n_fm, n_sc, bad = sums.tolist()
-                if bad:
+                s = dict(zip(STATS, sums.tolist()))
+                if s["non_finite"]:
                     raise TrainingDiverged(f"the loss became non-finite by step {i + 1}; the last good "
                                            f"checkpoint is kept at {ckpt!r}; lower --lr or raise --warmup")
                 rate = done * args.batch_size / (now - t0)
-                if rank == 0:
-                    print(f"step {i + 1:7d}/{args.steps}  fm {fm_sum / max(n_fm, 1):.4f}  sc {sc_sum / max(n_sc, 1):.4f}"
-                          f"  {rate:7.0f} img/s  ETA {fmt_time((args.steps - i - 1) * args.batch_size / rate)}", flush=True)
+                log(f"step {i + 1:7d}/{args.steps}  fm {s['fm_sum'] / max(s['fm_rows'], 1):.4f}  "
+                    f"sc {s['sc_sum'] / max(s['sc_rows'], 1):.4f}  {rate:7.0f} img/s  "
+                    f"ETA {fmt_time((args.steps - i - 1) * args.batch_size / rate)}")
                 sums.zero_()
                 last = now
             if saving and not all(bool(p.isfinite().all()) for m in (raw, ema) for p in m.parameters()):
@@ -393,11 +436,18 @@ def train(args, model, ema, opt, data, labels, start_step, config, device, rank=
                 raise TrainingDiverged(f"the weights or their EMA became non-finite by step {i + 1}; the last "
                                        f"good checkpoint is kept at {ckpt!r}; lower --lr or raise --warmup")
             if saving and rank == 0:
-                save_checkpoint(ckpt, raw, ema, opt, i + 1, config)
+                save_checkpoint(ckpt, args, raw, ema, opt, i + 1, teacher)
             if interrupted:
                 raise Interrupted(f"interrupted: saved step {i + 1} to {ckpt!r}; continue with --resume {ckpt}")
     if world > 1:
         check_replicas(raw, world)
+
+
+def process_rank():
+    """(rank, world size): (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def check_replicas(model, world):
@@ -426,13 +476,14 @@ def sampler_model(ema, args):
 
 
 @torch.no_grad()
-def generate(model, x0, steps, y, cfg_scale, flow, batch_size, to_cpu=True):
-    """Samples in batches (bf16 on CUDA), mapped to [0, 1]: (n, C, H, W)."""
+def generate(sampler, model, x0, steps, y, cfg_scale, batch_size, to_cpu=True):
+    """Samples by sampler(model, x0, steps, y, cfg_scale) in batches (bf16 on CUDA), mapped to
+    [0, 1]: (n, C, H, W)."""
     out = []
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
         for i in range(0, len(x0), batch_size):
             yb = None if y is None else y[i:i + batch_size]
-            x = sample(model, x0[i:i + batch_size], steps, yb, cfg_scale, flow=flow).float()
+            x = sampler(model, x0[i:i + batch_size], steps, yb, cfg_scale).float()
             out.append(x.cpu() if to_cpu else x)
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
@@ -554,21 +605,23 @@ def save_grid(path, x01, nrow):
     write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
-def evaluate(args, ema, data, device, judge=None):
-    """Samples with N = 1, 2, 4, 8, 128 shortcut steps (and the flow sampler) from the same
-    noise; writes the grids, samples.npz and metrics.json; returns the metrics."""
-    info = DATASETS[args.dataset]
-    classes = info["classes"]
+def evaluate(args, ema, data, judge=None):
+    """Samples with each of --eval-steps from the same noise, by the objective's sampler (and,
+    for a shortcut model, also by Euler with its velocity d = 0); writes the grids,
+    samples.npz and metrics.json; returns the metrics."""
+    info, device = DATA[args.dataset], data.device
+    classes, n, name = info.classes, args.n_samples, args.objective
     g = torch.Generator().manual_seed(args.seed + 1)
-    n = args.n_samples
-    x0 = torch.randn(n, info["channels"], info["size"], info["size"], generator=g).to(device)
+    x0 = torch.randn(n, info.channels, info.size, info.size, generator=g).to(device)
     y = (torch.arange(n) % classes).to(device) if classes else None
-    runs = [("shortcut", N) for N in args.eval_steps] + [("flow", N) for N in args.eval_steps if N < 128]
+    runs = [(name, objective(name).sample, N) for N in args.eval_steps]
+    if name == "shortcut":
+        runs += [("velocity", functools.partial(sample, flow=True), N) for N in args.eval_steps if N < 128]
     samples, t0, model = {}, time.time(), sampler_model(ema, args)
-    for kind, N in runs:
-        samples[f"{kind}_{N}"] = generate(model, x0, N, y, args.cfg_scale, kind == "flow", args.eval_batch_size)
-    print(f"sampled {n} images for each of {len(runs)} settings in {time.time() - t0:.1f}s "
-          "(flow_128 is shortcut_128: d = 0 is the finest level)", flush=True)
+    for kind, sampler, N in runs:
+        samples[f"{kind}_{N}"] = generate(sampler, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
+    print(f"sampled {n} images for each of {len(runs)} settings in {time.time() - t0:.1f}s"
+          + (" (velocity_128 is shortcut_128: d = 0 is the finest level)" if name == "shortcut" else ""), flush=True)
 
     keep = min(n, 1000)
     arrays = {"labels": y[:keep].cpu().numpy() if classes else np.zeros(0, np.int64),
@@ -578,12 +631,12 @@ def evaluate(args, ema, data, device, judge=None):
     per_row = max(1, min(10, n // rows))
     order = torch.arange(rows * per_row).view(per_row, rows).T.flatten()   # sample i has class i % classes
     for N in args.eval_steps:
-        save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"shortcut_{N}"][order].numpy(), nrow=rows)
-    cols = [samples[f"shortcut_{N}"][:rows] for N in args.eval_steps]
+        save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"{name}_{N}"][order].numpy(), nrow=rows)
+    cols = [samples[f"{name}_{N}"][:rows] for N in args.eval_steps]
     save_grid(os.path.join(args.out, "steps.png"),
               torch.stack(cols, 1).flatten(0, 1).numpy(), nrow=rows)
 
-    metrics = {"dataset": args.dataset, "n_samples": n, "cfg_scale": args.cfg_scale}
+    metrics = {"dataset": args.dataset, "objective": name, "n_samples": n, "cfg_scale": args.cfg_scale}
     if judge is not None:
         real, _ = load_digits()
         real = real.astype(np.float64) / 255
@@ -592,7 +645,7 @@ def evaluate(args, ema, data, device, judge=None):
         f_ref = judge.features(ref)
         m = len(held)          # the same sample size on both sides keeps the floor comparable
         metrics["metric"] = "Frechet distance in digit-classifier features"
-        metrics["floor"] = frechet_distance(judge.features(held), f_ref)
+        metrics["real_vs_real"] = frechet_distance(judge.features(held), f_ref)
         for k, v in samples.items():
             x = v.double().numpy()
             metrics[k] = {"fd": frechet_distance(judge.features(x[:m]), f_ref),
@@ -605,20 +658,20 @@ def evaluate(args, ema, data, device, judge=None):
         for k, v in samples.items():
             f = inception_features(v.numpy(), device)
             metrics[k] = {"fid": frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu, cov)}
-    write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     print_table(metrics)
     return metrics
 
 
 def print_table(metrics):
-    keys = [k for k in metrics if k.startswith(("shortcut_", "flow_"))]
+    keys = [k for k, v in metrics.items() if isinstance(v, dict)]
     if not keys:
         return
     cols = list(metrics[keys[0]])
-    print(f"\n{metrics['metric']}" + (f" (floor, real vs real: {metrics['floor']:.3f})" if "floor" in metrics else ""))
-    print(f"  {'sampler':14s}" + "".join(f"{c:>10s}" for c in cols))
+    ref = metrics.get("real_vs_real")
+    print(f"\n{metrics['metric']}" + (f" (real vs real: {ref:.3f})" if ref is not None else ""))
+    print(f"  {'sampler':28s}" + "".join(f"{c:>10s}" for c in cols))
     for k in keys:
-        print(f"  {k:14s}" + "".join(f"{metrics[k][c]:10.3f}" for c in cols))
+        print(f"  {k:28s}" + "".join(f"{metrics[k][c]:10.3f}" for c in cols))
 
 
 ################################################################################
@@ -663,42 +716,58 @@ def timed(fn, warmup, reps, device):
     return (time.perf_counter() - t0) / reps
 
 
-def benchmark(args, mcfg, device):
-    """Training and sampling speed on random data of the dataset's shape (no data loading)."""
-    info = DATASETS[args.dataset]
+def benchmark(args, cfg, device):
+    """Training speed of every objective, and sampling speed, on random data of the dataset's
+    shape (no data loading). FLOPs count every network forward a step makes (3x for the rows
+    that are trained, which also go backward)."""
+    info = DATA[args.dataset]
     g = torch.Generator(device=device).manual_seed(args.seed)
-    shape = (4 * args.batch_size, info["channels"], info["size"], info["size"])
+    shape = (4 * args.batch_size, info.channels, info.size, info.size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
-    labels = torch.randint(max(info["classes"], 1), shape[:1], device=device, generator=g) if info["classes"] else None
+    labels = torch.randint(max(info.classes, 1), shape[:1], device=device, generator=g) if info.classes else None
+    batch = lambda: get_batch(data, labels, args.batch_size, info.flip)          # noqa: E731
     peak, gpu = peak_tflops(device)
     warmup = args.bench_warmup + (10 if args.compile else 0)
-    print(f"benchmark on {gpu}: DiT-{args.model}/{args.patch} at {info['size']}x{info['size']}x{info['channels']}, "
+    print(f"benchmark on {gpu}: DiT-{args.model}/{args.patch} at {info.size}x{info.size}x{info.channels}, "
           f"batch {args.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
           f"{', compiled' if args.compile else ''}, {args.bench_steps} timed steps after {warmup} warm-up; "
           f"peak {peak or 'unknown'} TFLOP/s dense bf16")
-    print(f"  {'run':22s}{'img/s':>10s}{'ms/step':>10s}{'TFLOP/s':>10s}{'MFU':>8s}")
+    print(f"  {'objective':26s}{'img/s':>10s}{'ms/step':>10s}{'vs flow':>9s}{'TFLOP/s':>10s}{'MFU':>8s}")
     times = {}
-    for name, frac in (("flow matching (frac 0)", 0.0), (f"shortcut (frac {args.bootstrap_frac:g})", args.bootstrap_frac)):
-        model, ema, opt = build(args, mcfg, device)
-        step = make_step(argparse.Namespace(**{**vars(args), "bootstrap_frac": frac}), model, ema, opt, device)
-        it = iter(range(10 ** 9))
-        batch = lambda: get_batch(data, labels, args.batch_size, info["flip"])          # noqa: E731
-        dt = timed(lambda: step(*batch(), next(it)), warmup, args.bench_steps, device)
-        flops = 3 * dit_flops(model, args.batch_size) + 2 * dit_flops(model, round(frac * args.batch_size))
-        times[frac] = dt
+    for name in OBJECTIVES:
+        run = argparse.Namespace(**{**vars(args), "objective": name})
+        model, ema, opt = build(run, cfg, device)
+        teacher = copy.deepcopy(model) if objective(name).two_phase else None
+        rows = forward_rows(make_step(argparse.Namespace(**{**vars(run), "compile": False}), model, ema, opt,
+                                      teacher), batch, [model, teacher or ema])
+        step, it = make_step(run, model, ema, opt, teacher), iter(range(10 ** 9))
+        dt = times[name] = timed(lambda: step(*batch(), next(it)), warmup, args.bench_steps, device)
+        flops = dit_flops(model, 3 * rows[0] + rows[1])
         mfu = f"{flops / dt / 1e12 / peak:7.1%}" if peak else "    n/a"
-        print(f"  {name:22s}{args.batch_size / dt:10.0f}{dt * 1e3:10.2f}{flops / dt / 1e12:10.3g} {mfu}")
-    print(f"  shortcut / flow-matching step time: {times[args.bootstrap_frac] / times[0.0]:.3f} "
-          f"(two extra forwards on the bootstrap rows: about {1 + 2 * args.bootstrap_frac / 3:.3f} in FLOPs)")
+        print(f"  {name:26s}{args.batch_size / dt:10.0f}{dt * 1e3:10.2f}{dt / times['flow']:9.3f}"
+              f"{flops / dt / 1e12:10.3g} {mfu}", flush=True)
     x0 = torch.randn(args.eval_batch_size, *shape[1:], device=device, generator=g)
-    y = torch.arange(args.eval_batch_size, device=device) % info["classes"] if info["classes"] else None
+    y = torch.arange(args.eval_batch_size, device=device) % info.classes if info.classes else None
     model = sampler_model(ema.eval(), args)
     for N in (1, 128):
-        dt = timed(lambda: generate(model, x0, N, y, args.cfg_scale, False, args.eval_batch_size, to_cpu=False),
+        dt = timed(lambda: generate(sample, model, x0, N, y, args.cfg_scale, args.eval_batch_size, to_cpu=False),
                    int(N == 1), max(1, args.bench_steps // N), device)      # N = 1 warms up for both
-        print(f"  sampling, {N:3d} step{'s' if N > 1 else ' '}     {args.eval_batch_size / dt:10.0f} img/s "
+        print(f"  sampling, {N:3d} step{'s' if N > 1 else ' '}       {args.eval_batch_size / dt:10.0f} img/s "
               f"(batch {args.eval_batch_size})")
     return times
+
+
+def forward_rows(step, batch, nets):
+    """The rows that the networks' forwards see in one step: [with gradient, without]."""
+    rows = [0, 0]
+
+    def count(module, inputs):
+        rows[not torch.is_grad_enabled()] += len(inputs[0])
+    hooks = [net.register_forward_pre_hook(count) for net in nets]
+    step(*batch(), 0)
+    for h in hooks:
+        h.remove()
+    return rows
 
 
 ################################################################################
@@ -709,6 +778,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", help="digits (default), cifar10 or celeba")
+    a("--objective", default="shortcut", help=f"training objective, one of {', '.join(OBJECTIVES)} "
+      "(default: shortcut); see baselines.py")
+    a("--teacher", default=None, help="for the two-phase objectives (consistency-distillation, "
+      "progressive-distillation, reflow): the checkpoint.pt of a trained flow-matching run, whose EMA weights "
+      "teach; not needed when resuming a two-phase run, whose checkpoint holds its teacher")
     a("--data-dir", default="data", help="where the data (and cached statistics) live (default: data)")
     a("--download", action="store_true", help="fetch CIFAR-10 into --data-dir if it is not there, checking its md5")
     a("--out", default="out/images", help="output folder (default: out/images)")
@@ -742,12 +816,16 @@ def parse_args(argv=None):
       "shape and print img/s, ms/step, TFLOP/s and MFU; trains nothing, writes nothing")
     a("--bench-steps", type=int, default=20, help="timed steps in --benchmark (default: 20)")
     a("--bench-warmup", type=int, default=3, help="untimed steps before timing, 10 more with --compile (default: 3)")
+    dataset = p.parse_known_args(argv)[0].dataset
+    if dataset not in DATA:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATA)}")
+    p.set_defaults(**DEFAULTS[dataset])
     args = p.parse_args(argv)
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-    for k, v in DATASETS[args.dataset].items():
-        if getattr(args, k, "absent") is None:
-            setattr(args, k, v)
+    if args.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective(args.objective).two_phase and not (args.teacher or args.resume or args.benchmark):
+        raise UserError(f"--objective {args.objective} is two-phase: pass --teacher PATH, the checkpoint.pt of a "
+                        "flow-matching run (python train_images.py --objective flow --out out/flow)")
     try:
         args.eval_steps = [int(s) for s in args.eval_steps.split(",")]
         for N in args.eval_steps:
@@ -790,13 +868,12 @@ def parse_args(argv=None):
 
 
 def model_config(args):
-    info = DATASETS[args.dataset]
+    info = DATA[args.dataset]
     try:
-        cfg = dit_config(args.model, img_size=info["size"], channels=info["channels"],
-                         patch=args.patch, num_classes=info["classes"])
+        return dit_config(args.model, img_size=info.size, channels=info.channels, patch=args.patch,
+                          num_classes=info.classes)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return vars(cfg)
 
 
 def setup_distributed(device):
@@ -812,8 +889,8 @@ def setup_distributed(device):
     return torch.distributed.get_rank(), world, device
 
 
-def build(args, mcfg, device):
-    model = DiT(DiTConfig(**mcfg)).to(device)
+def build(args, cfg, device):
+    model = DiT(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
@@ -829,44 +906,57 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed)        # the same seed everywhere: processes draw the same global batch
-    mcfg = model_config(args)
+    cfg = model_config(args)
     if args.benchmark:
-        return benchmark(args, mcfg, device)
-    state = load_checkpoint(args.resume, mcfg) if args.resume else None
+        return benchmark(args, cfg, device)
+    state = load_checkpoint(args.resume, cfg) if args.resume else None
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.isfile(ckpt) and not (args.resume and os.path.samefile(args.resume, ckpt)):
         raise UserError(f"{ckpt!r} exists; pass --resume {ckpt} to continue that run, or choose another --out"
                         + (f" (resuming {args.resume!r} there would overwrite it)" if args.resume else ""))
+    two_phase = objective(args.objective).two_phase
+    if two_phase and args.teacher is None and "teacher" not in (state or {}):
+        raise UserError(f"{args.resume!r} holds no teacher: pass --teacher PATH for --objective {args.objective}")
+    taught = load_checkpoint(args.teacher, cfg, "--teacher") if two_phase and args.teacher else None
     check_writable(args.out)
     judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz")) if args.dataset == "digits" and rank == 0 else None
     if args.dataset != "digits" and fid_backend() is None:
-        log(rank, f"note: no Inception network, so no FID at the end ({NO_FID})")
+        log(f"note: no Inception network, so no FID at the end ({NO_FID})")
     x, y = load_dataset(args.dataset, args.data_dir, args.download)
     data = torch.as_tensor(x).to(device)
     labels = None if y is None else torch.as_tensor(y).to(device)
 
-    model, ema, opt = build(args, mcfg, device)
+    model, ema, opt = build(args, cfg, device)
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if two_phase else None
+    if taught is not None:
+        teacher.load_state_dict(taught["ema"])
+        if args.objective == "progressive-distillation":     # the student starts as its teacher
+            model.load_state_dict(taught["ema"])
+            ema.load_state_dict(taught["ema"])
     start = 0
     if state is not None:
-        start = restore(state, args.resume, model, ema, opt, device)
-        log(rank, f"resumed from {args.resume} at step {start}")
+        start = restore(state, args.resume, model, ema, opt, teacher if taught is None else None)
+        log(f"resumed from {args.resume} at step {start}")
         if start >= args.steps and not args.sample_only:
-            log(rank, f"the checkpoint is at step {start}, at or past --steps {args.steps}: nothing to train, "
-                      "so it is only sampled and measured (raise --steps to train on)")
+            log(f"the checkpoint is at step {start}, at or past --steps {args.steps}: nothing to train, "
+                "so it is only sampled and measured (raise --steps to train on)")
     n_params = sum(p.numel() for p in model.parameters())
-    log(rank, f"{args.dataset}: {len(data)} images, DiT-{args.model}/{args.patch} ({n_params / 1e6:.2f}M params), "
-              f"device {device} x {world}, batch {args.batch_size}, bootstrap_frac {args.bootstrap_frac}")
-    config = {"model": mcfg, "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
-    t0 = time.time()
+    log(f"{args.dataset}: {len(data)} images, DiT-{args.model}/{args.patch} ({n_params / 1e6:.2f}M params), "
+        f"device {device} x {world}, batch {args.batch_size}, objective {args.objective}"
+        + (f" (bootstrap_frac {args.bootstrap_frac})" if args.objective == "shortcut" else "")
+        + (f", teacher {args.teacher or args.resume}" if two_phase else ""))
+    t0, train_seconds = time.time(), None
     trains = not args.sample_only and start < args.steps
     if trains:
         ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        train(args, ddp, ema, opt, data, labels, start, config, device, rank, world)
-        log(rank, f"trained {args.steps - start} steps in {time.time() - t0:.1f}s")
+        train(args, ddp, ema, opt, data, labels, start, teacher)
+        train_seconds = round(time.time() - t0, 1)
+        log(f"trained {args.steps - start} steps in {train_seconds}s")
     metrics = None
     if rank == 0:
-        metrics = evaluate(args, ema.eval(), data, device, judge)
+        metrics = {**evaluate(args, ema.eval(), data, judge), "train_seconds": train_seconds}
+        write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
         wrote = "checkpoint.pt, " if trains else ""
         print(f"\ndone in {time.time() - t0:.1f}s; wrote {wrote}grid_N.png, steps.png, samples.npz "
               f"and metrics.json to {args.out}")
@@ -886,8 +976,9 @@ def check_writable(folder):
         raise UserError(f"cannot write to --out {folder!r} ({e.strerror or e})") from None
 
 
-def log(rank, msg):
-    if rank == 0:
+def log(msg):
+    """Prints on the first process only."""
+    if process_rank()[0] == 0:
         print(msg, flush=True)
 
 

@@ -18,6 +18,7 @@ The ablation flags (--ungrounded, --no-stop-grad, --d-sampling, --teacher, --tra
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -28,7 +29,8 @@ import time
 import numpy as np
 import torch
 
-from shortcut import MAX_STEPS, MLP, ema_update, pick_device, sample, seed_everything, shortcut_loss, write_atomic
+import baselines as B
+from shortcut import MAX_STEPS, MLP, ema_update, pick_device, regress, sample, seed_everything, write_atomic
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -165,43 +167,78 @@ def sliced_w2(a, b, n_proj=512, seed=0):
 #                                   Training                                   #
 ################################################################################
 
-def train(name, data, args, bootstrap_frac, device, track=None):
-    """Trains one MLP shortcut model; returns it and its log (losses per step, and the
-    exact errors every --track-exact steps when `track` is given). The learning rate decays
-    to 0, so the model itself is sampled; --teacher ema keeps an EMA only as the teacher."""
+def train(label, data, args, device, *, objective="shortcut", bootstrap_frac=None, teacher=None, track=None):
+    """Trains one MLP on an objective of baselines.OBJECTIVES; returns it and its log (losses
+    per step, seconds, and the exact errors every --track-exact steps when `track` is given).
+    teacher: the flow-matching model of a two-phase objective. The learning rate decays to 0,
+    so the model itself is sampled; --ema-teacher keeps an EMA only to build the targets."""
     seed_everything(args.seed)
     model = MLP(width=args.width, depth=args.depth).to(device)
-    teacher = copy.deepcopy(model).requires_grad_(False) if args.teacher == "ema" else None
+    if objective == "progressive-distillation":       # the student starts as its teacher, which then changes
+        model.load_state_dict(teacher.state_dict())
+        teacher = copy.deepcopy(teacher)
+    elif args.ema_teacher and not B.objective(objective).two_phase:
+        teacher = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / args.steps)))
-    ablations = dict(grounded=not args.ungrounded, stop_grad=not args.no_stop_grad, d_sampling=args.d_sampling)
+    options = {}
+    if objective == "shortcut":
+        options = dict(bootstrap_frac=args.bootstrap_frac if bootstrap_frac is None else bootstrap_frac,
+                       grounded=not args.ungrounded, stop_grad=not args.no_stop_grad, d_sampling=args.d_sampling)
     data = torch.as_tensor(data, device=device)
     log = {"fm": [], "sc": [], "exact": {}}
     t0 = last = time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(args.steps):
         x1 = data[torch.randint(len(data), (args.batch_size,), device=device)]
-        loss, info = shortcut_loss(model, x1, teacher=teacher, bootstrap_frac=bootstrap_frac, **ablations)
+        progress = step / args.steps
+        loss, info = regress(model, B.make_targets(objective, model, x1, teacher=teacher, progress=progress, **options))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if teacher is not None:
+        if args.ema_teacher and teacher is not None and not B.objective(objective).two_phase:
             ema_update(teacher, model, args.ema_decay)
+        if B.new_stage(objective, progress, (step + 1) / args.steps):
+            teacher.load_state_dict(model.state_dict())
         if not math.isfinite(loss.item()):
-            raise SystemExit(f"{name}: the loss became {loss.item()} at step {step}; try a lower --lr")
+            raise SystemExit(f"{label}: the loss became {loss.item()} at step {step + 1}; try a lower --lr")
         log["fm"].append(info["fm"])
         log["sc"].append(info["sc"])
-        if track is not None and (step % args.track_exact == 0 or step == 1):
-            log["exact"][step] = track(model)
+        if track is not None and ((step + 1) % args.track_exact == 0 or step == 0):
+            log["exact"][step + 1] = track(model)
         now = time.time()
-        if now - last > args.log_every or step == args.steps:
-            rate = step / (now - t0)
-            print(f"  {name:9s} step {step:6d}/{args.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
-                  f"  {rate:6.0f} it/s  ETA {(args.steps - step) / rate:5.1f}s", flush=True)
+        if now - last > args.log_every or step + 1 == args.steps:
+            rate = (step + 1) / (now - t0)
+            print(f"  {label:24s} step {step + 1:6d}/{args.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
+                  f"  {rate:6.0f} it/s  ETA {(args.steps - step - 1) / rate:5.1f}s", flush=True)
             last = now
     log["seconds"] = time.time() - t0
     return model.eval(), log
+
+
+def save_model(path, model, objective, seconds, args):
+    """A toy checkpoint: enough to sample and plot again without training (--reuse)."""
+    state = {"objective": objective, "width": args.width, "depth": args.depth, "steps": args.steps,
+             "seed": args.seed, "dataset": args.dataset, "seconds": seconds, "model": model.state_dict()}
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_model(path, args, objective=None):
+    """The MLP of a toy checkpoint, or None if it is missing or was trained with other settings."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = MLP(width=state["width"], depth=state["depth"])
+        model.load_state_dict(state["model"])
+    except Exception as e:
+        raise SystemExit(f"train_toy.py: error: {path} is not a toy checkpoint ({type(e).__name__}: {e})") from None
+    same = (state["width"], state["depth"], state["steps"], state["seed"], state["dataset"]) == \
+        (args.width, args.depth, args.steps, args.seed, args.dataset)
+    if objective is not None and not (same and state["objective"] == objective):
+        return None
+    return model.eval(), state["seconds"]
 
 
 ################################################################################
@@ -219,7 +256,7 @@ def save_json(path, obj):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def plot_samples(path, data, samples, counts):
+def plot_samples(path, data, samples, counts, off=None):
     import matplotlib.pyplot as plt
     rows = list(samples)
     fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.2 * (len(counts) + 1), 2.3 * len(rows)),
@@ -231,8 +268,10 @@ def plot_samples(path, data, samples, counts):
             pts = data if n == "data" else samples[model][n]
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="k" if n == "data" else f"C{r}")
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
-            if r == 0:
-                ax.set_title("data" if n == "data" else f"{n} step{'s' * (n > 1)}")
+            title = "data" if n == "data" else f"{n} step{'s' * (n > 1)}" if r == 0 else ""
+            if off is not None:      # the share of points more than 3 sigma from every mode
+                title += f"\n{100 * (off['data'] if n == 'data' else off[model][n]):.1f}% off-mode"
+            ax.set_title(title, fontsize=9)
         axes[r, 0].set_ylabel(model)
     save_figure(fig, path)
 
@@ -255,6 +294,12 @@ def plot_trajectories(path, data, trajectories, counts, n_paths=250):
     save_figure(fig, path)
 
 
+@functools.lru_cache(maxsize=None)
+def mixture_paths(dataset):
+    """true_paths of a named mixture, computed once per process (a few seconds)."""
+    return true_paths(MIXTURES[dataset]())
+
+
 def true_paths(gm, n=512, seed=0):
     """n noise points carried along the exact flow by fine RK4, recorded at every multiple
     of 1/128: (129, n, 2). Points on true paths follow the true marginals p_t."""
@@ -266,19 +311,25 @@ def true_paths(gm, n=512, seed=0):
 
 
 @torch.no_grad()
-def exact_errors(model, path, velocity_only=False):
+def exact_errors(model, path, told="step"):
     """RMS error of s(x_t, t, d) against the exact jump (x_{t+d} - x_t)/d, for each d = 1/N.
 
     The pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... along the true paths give inputs and exact
-    jumps for every d at once. velocity_only queries d = 0 (the flow baseline's only answer).
+    jumps for every d at once. told is the d the network is told (baselines.Objective.told):
+    "0" queries the velocity (a flow model's only answer); "1 - t" compares the jump to the end,
+    (x_1 - x_t)/(1 - t), at the same points.
     """
     n, errors = path.shape[1], {}
     for n_steps in STEP_COUNTS:
         stride, d = MAX_STEPS // n_steps, 1.0 / n_steps
         x_t, x_next = path[:-1:stride].reshape(-1, 2), path[stride::stride].reshape(-1, 2)
-        t = torch.arange(n_steps).repeat_interleave(n) * d
-        pred = model(x_t.float(), t.float(), torch.full_like(t, 0.0 if velocity_only else d))
-        errors[n_steps] = float((pred.double() - (x_next - x_t) / d).pow(2).sum(1).mean().sqrt())
+        t = (torch.arange(n_steps).repeat_interleave(n) * d).double()
+        if told == "1 - t":
+            query, exact = 1 - t, (path[-1].repeat(n_steps, 1) - x_t) / (1 - t)[:, None]
+        else:
+            query, exact = torch.full_like(t, 0.0 if told == "0" else d), (x_next - x_t) / d
+        pred = model(x_t.float(), t.float(), query.float())
+        errors[n_steps] = float((pred.double() - exact).pow(2).sum(1).mean().sqrt())
     return errors
 
 
@@ -295,9 +346,10 @@ def plot_exact(path, errors, models, one_step, n_points=300):
     ax.legend()
     x0, exact = one_step[0][:n_points], one_step[1][:n_points]
     for i, (ax, name) in enumerate(zip(axes[1:], models)):
+        obj, model = models[name]
         with torch.no_grad():
-            d = torch.full((len(x0),), 0.0 if name == "flow" else 1.0)
-            jump = x0 + models[name](x0, torch.zeros(len(x0)), d)
+            d = torch.full((len(x0),), 0.0 if B.objective(obj).told == "0" else 1.0)
+            jump = x0 + model(x0, torch.zeros(len(x0)), d)
         ax.add_collection(LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
         ax.scatter(*exact.T, s=4, color="0.5", label="exact Phi_{0->1}(x0)")
         ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
@@ -314,11 +366,14 @@ def plot_losses(path, logs, window=50):
             v = np.asarray(log[part])
             window = min(window, max(1, len(v) // 5))
             kernel = np.ones(window) / window
-            if (v > 0).any():          # nan (an empty part) and all-zero parts have no log plot
+            if not np.isnan(v).all():      # an empty part is all nan; an all-zero one is drawn at 0
                 ax.plot(np.arange(window, len(v) + 1), np.convolve(v, kernel, "valid"), color=f"C{i}", label=name)
-    for ax, title in zip(axes, ("flow-matching part", "self-consistency part")):
-        ax.set(yscale="log", xlabel="training step", title=f"{title} (running mean)")
-        ax.legend()
+    for ax, title in zip(axes, ("data rows (flow matching)", "bootstrap rows (self-consistency)")):
+        # symlog: logarithmic above 1e-4 and linear below, so a loss of exactly 0 shows
+        ax.set(xlabel="training step", title=f"{title}, running mean")
+        ax.set_yscale("symlog", linthresh=1e-4)
+        if ax.lines:
+            ax.legend()
     save_figure(fig, path)
 
 
@@ -344,7 +399,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="ring", choices=DATASETS,
                    help="2-D data: ring (8 Gaussians), mixture (4 skewed Gaussians), moons, "
                         "swissroll, checkerboard (default: ring)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default: 3000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per model (default: 3000; 1500 with --table1, to fit 3 minutes)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--bootstrap-frac", type=float, default=0.25,
@@ -355,6 +411,20 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data, noise and weights (default: 0)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu; the toy is too small to gain from a GPU)")
     p.add_argument("--out", default="out/toy", help="output folder (default: out/toy)")
+    p.add_argument("--objective", default="shortcut", choices=list(B.OBJECTIVES),
+                   help="what the first model trains on (default: shortcut); see baselines.py. The two-phase "
+                        "ones (consistency-distillation, progressive-distillation, reflow) first train a "
+                        "flow-matching teacher, or load --teacher")
+    p.add_argument("--teacher", metavar="PATH", help="a toy checkpoint of a flow-matching model (such as "
+                   "out/toy/flow.pt) to teach a two-phase objective, instead of training one")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not train the flow-matching baseline beside the model (faster ablations)")
+    p.add_argument("--table1", action="store_true",
+                   help="train every objective of the paper's Table 1 at one budget and seed, with one shared "
+                        "flow-matching teacher; writes table1.md, table1.png, table1.npz and a checkpoint each")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --table1: load the checkpoints of an earlier run with the same settings from --out "
+                        "instead of training again")
     p.add_argument("--log-every", type=float, default=3.0, help="seconds between progress lines (default: 3)")
     e = p.add_argument_group("ablations for the exercises (docs/EXERCISES.md); the defaults are the method")
     e.add_argument("--ungrounded", action="store_true",
@@ -362,9 +432,9 @@ def parse_args(argv=None):
     e.add_argument("--no-stop-grad", action="store_true", help="let gradients flow through the targets")
     e.add_argument("--d-sampling", default="dyadic", choices=["dyadic", "uniform"],
                    help="dyadic: 2d in {1, ..., 1/64}, t on its grid (default); uniform: 2d ~ U[1/64, 1], any t")
-    e.add_argument("--teacher", default="online", choices=["online", "ema"],
-                   help="targets from the model itself (default) or from an EMA copy (the official default)")
-    e.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of --teacher ema (default: 0.999)")
+    e.add_argument("--ema-teacher", action="store_true",
+                   help="build the targets with an EMA copy (the official default) instead of the model itself")
+    e.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of --ema-teacher (default: 0.999)")
     e.add_argument("--track-exact", type=int, default=0, metavar="K",
                    help="every K steps, measure the shortcut's error against the exact flow (mixtures) "
                         "and draw exact_training.png")
@@ -372,6 +442,8 @@ def parse_args(argv=None):
                    help="train shortcut models at bootstrap fractions 1/16, 1/8, 1/4, 1/2 and draw "
                         "sweep_bootstrap_frac.png instead of the usual run")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 1500 if args.table1 else 3000
     for flag in ("steps", "batch_size", "n_samples", "width", "depth"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -392,14 +464,53 @@ def parse_args(argv=None):
     return args
 
 
-def sample_all(models, x0):
-    """Samples and trajectories of each model for every N, from the same noise x0."""
-    samples, trajectories = {m: {} for m in models}, {m: {} for m in models}
-    for name, model in models.items():
-        for n in STEP_COUNTS:
-            x1, traj = sample(model, x0, n, flow=name == "flow", trajectory=True)
-            samples[name][n], trajectories[name][n] = x1.numpy(), traj.numpy()
-    return samples, trajectories
+def sample_all(models, x0, counts=STEP_COUNTS):
+    """Samples of each model (name -> (objective, model)) for every N, from the same noise x0,
+    each by its objective's sampler."""
+    return {name: {n: B.objective(obj).sample(model, x0, n).numpy() for n in counts}
+            for name, (obj, model) in models.items()}
+
+
+def trajectories_of(models, x0, counts):
+    """Sample paths of the models whose objective samples by Euler (shortcut.sample)."""
+    return {name: {n: sample(model, x0, n, flow=B.objective(obj).told == "0", trajectory=True)[1].numpy()
+                   for n in counts}
+            for name, (obj, model) in models.items() if B.objective(obj).told != "1 - t"}
+
+
+def evaluate(models, x0, data, data_b, gm, path, counts=STEP_COUNTS):
+    """Samples and the metrics of each model: sliced W2 and (mixtures) the off-mode fraction
+    per N, and the RMS error of its one-step jump against the exact flow map."""
+    samples = sample_all(models, x0, counts)
+    metrics = {"sliced_w2": {"data vs data": sliced_w2(data, data_b)}}
+    metrics["sliced_w2"].update({name: {n: sliced_w2(samples[name][n], data) for n in counts} for name in models})
+    if gm is not None:
+        metrics["off_mode"] = {"data": off_mode_fraction(data_b, gm)}
+        metrics["off_mode"].update({name: {n: off_mode_fraction(samples[name][n], gm) for n in counts}
+                                    for name in models})
+        metrics["jump_error"] = {name: jump_error(model, obj, path) for name, (obj, model) in models.items()}
+    return samples, metrics
+
+
+def off_mode_fraction(x, gm, k=3.0):
+    """The share of points more than k sigma (in Mahalanobis distance) from every component of
+    a mixture: the smear between modes that sliced W2 hardly sees. In 2-D, fresh data scores
+    exp(-k^2/2), 1.1% for k = 3."""
+    r = torch.as_tensor(np.asarray(x), dtype=torch.float64)[:, None] - gm.mu          # (n, K, D)
+    r_u = (r[..., None, :] @ gm.U)[..., 0, :]                                         # U^T r
+    return float(((r_u ** 2 / gm.lam).sum(-1).min(1).values > k * k).double().mean())
+
+
+@torch.no_grad()
+def jump_error(model, objective, path):
+    """RMS error of the one-step jump x0 + s(x0, 0, d) against the exact Phi_{0->1}(x0), with d as
+    the objective tells it (0 for a velocity: one Euler step). None for diffusion, whose
+    cosine path has another flow map."""
+    if objective == "diffusion":
+        return None
+    x0, x1 = path[0].float(), path[-1]
+    d = torch.full((len(x0),), 0.0 if B.objective(objective).told == "0" else 1.0)
+    return float((x0.double() + model(x0, torch.zeros(len(x0)), d).double() - x1).pow(2).sum(1).mean().sqrt())
 
 
 def sweep(args, train_data, data, x0):
@@ -408,7 +519,7 @@ def sweep(args, train_data, data, x0):
     fracs = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
     dist = {}
     for frac in fracs:
-        model, _ = train(f"frac {frac:g}", train_data, args, frac, args.device)
+        model, _ = train(f"frac {frac:g}", train_data, args, args.device, bootstrap_frac=frac)
         dist[frac] = {n: sliced_w2(sample(model.cpu(), x0, n).numpy(), data) for n in (1, 128)}
     print("\nbootstrap fraction   SW2, 1 step   SW2, 128 steps")
     for frac in fracs:
@@ -417,13 +528,102 @@ def sweep(args, train_data, data, x0):
     for n in (1, 128):
         ax.plot(fracs, [dist[f][n] for f in fracs], "o-", label=f"{n} step{'s' * (n > 1)}")
     ax.axhline(sliced_w2(data, sample_data(args.dataset, len(data), np.random.default_rng(args.seed + 7))),
-               color="0.6", ls="--", label="floor (data vs data)")
+               color="0.6", ls="--", label="data vs data")
     ax.set(xscale="log", xlabel="bootstrap fraction", ylabel="sliced W2 to data", title="sweep of bootstrap_frac")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xticks(fracs, ["1/16", "1/8", "1/4", "1/2"])
     ax.legend()
     save_figure(fig, os.path.join(args.out, "sweep_bootstrap_frac.png"))
     save_json(os.path.join(args.out, "sweep.json"), {str(k): v for k, v in dist.items()})
     return dist
+
+
+def teacher_for(args, train_data):
+    """The flow-matching teacher of the two-phase objectives: --teacher, or trained now (and
+    saved as flow.pt). Returns (model, seconds it took to train)."""
+    if args.teacher:
+        loaded = load_model(args.teacher, args)
+        if loaded is None:
+            raise SystemExit(f"train_toy.py: error: no toy checkpoint at {args.teacher}")
+        return loaded
+    model, log = train("flow (teacher)", train_data, args, args.device, objective="flow")
+    save_model(os.path.join(args.out, "flow.pt"), model, "flow", log["seconds"], args)
+    return model, log["seconds"]
+
+
+TABLE_STEPS = [1, 4, 128]
+
+
+def table1(args, train_data, data, data_b, x0, gm, path):
+    """The paper's Table 1 in miniature: every objective at --steps steps of batch --batch-size
+    and the same seed; the two-phase ones learn from the shared flow-matching teacher, the
+    `flow` row itself, whose steps they also cost."""
+    start = time.time()
+    models, seconds = {}, {}
+    for name in B.OBJECTIVES:
+        ckpt = os.path.join(args.out, f"{name}.pt")
+        loaded = load_model(ckpt, args, name) if args.reuse else None
+        if loaded is None and name == "flow" and args.teacher:
+            loaded = load_model(args.teacher, args)
+        if loaded is None:
+            teacher = models["flow"][1] if B.objective(name).two_phase else None
+            model, log = train(name, train_data, args, args.device, objective=name, teacher=teacher)
+            loaded = (model, log["seconds"])
+            save_model(ckpt, model, name, log["seconds"], args)
+        models[name], seconds[name] = (name, loaded[0]), loaded[1]
+    samples, metrics = evaluate(models, x0, data, data_b, gm, path, counts=[1, 2, 4, 8, 128])
+    budget = {name: f"{args.steps} + {args.steps} teacher" if B.objective(name).two_phase else str(args.steps)
+              for name in B.OBJECTIVES}
+    metrics.update(train_seconds=seconds, budget_steps=budget, batch_size=args.batch_size)
+    md = table1_markdown(metrics, seconds, budget, args)
+    print("\n" + md)
+    write_atomic(os.path.join(args.out, "table1.md"), lambda f: f.write(md.encode()))
+    save_json(os.path.join(args.out, "table1.json"), metrics)
+    arrays = {"data": data, **{f"{name}_{n}": samples[name][n] for name in models for n in (1, 2, 4, 8, 128)}}
+    write_atomic(os.path.join(args.out, "table1.npz"), lambda f: np.savez_compressed(f, **arrays))
+    plot_table1(os.path.join(args.out, "table1.png"), data, samples, metrics)
+    print(f"\ntable 1 done in {time.time() - start:.1f}s; wrote table1.md, table1.png, table1.npz, table1.json "
+          f"and a checkpoint per objective to {args.out}")
+    return metrics
+
+
+def table1_markdown(metrics, seconds, budget, args):
+    off, w2 = metrics.get("off_mode"), metrics["sliced_w2"]
+    head = (f"Table 1 in miniature: {args.dataset}, MLP {args.width}x{args.depth}, batch {args.batch_size}, seed "
+            f"{args.seed}. Steps: training steps (two-phase: plus the flow row's steps as teacher).\n\n")
+    cols = [f"off-mode {n}" for n in TABLE_STEPS] * (off is not None) + [f"SW2 {n}" for n in TABLE_STEPS]
+    cols += ["jump error"] * (off is not None) + ["steps", "train s"]
+    lines = ["| objective | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in B.OBJECTIVES:
+        row = [f"{100 * off[name][n]:.1f}%" for n in TABLE_STEPS] if off is not None else []
+        row += [f"{w2[name][n]:.3f}" for n in TABLE_STEPS]
+        if off is not None:
+            err = metrics["jump_error"][name]
+            row.append("n/a" if err is None else f"{err:.3f}")
+        lines.append(f"| {name} | " + " | ".join(row + [budget[name], f"{seconds[name]:.1f}"]) + " |")
+    ref = ([f"{100 * off['data']:.1f}%"] * 3 if off is not None else []) + [f"{w2['data vs data']:.3f}"] * 3
+    lines.append("| data vs data | " + " | ".join(ref + ["0.000"] * (off is not None) + ["", ""]) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_table1(path, data, samples, metrics):
+    import matplotlib.pyplot as plt
+    names = list(samples)
+    fig, axes = plt.subplots(len(names), len(TABLE_STEPS), figsize=(2.2 * len(TABLE_STEPS), 2.2 * len(names)),
+                             squeeze=False)
+    lim = np.abs(data).max() * 1.15
+    for r, name in enumerate(names):
+        for c, n in enumerate(TABLE_STEPS):
+            ax = axes[r, c]
+            ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="0.85")
+            ax.scatter(samples[name][n][:, 0], samples[name][n][:, 1], s=1, alpha=0.4, color=f"C{r % 10}")
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+            if "off_mode" in metrics:
+                ax.set_title(f"{n} step{'s' * (n > 1)}: {100 * metrics['off_mode'][name][n]:.1f}% off", fontsize=8)
+            elif r == 0:
+                ax.set_title(f"{n} step{'s' * (n > 1)}", fontsize=8)
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -439,50 +639,72 @@ def main(argv=None):
     print(f"training on {args.dataset}: {args.steps} steps, batch {args.batch_size}, device {args.device}")
     if args.sweep:
         return sweep(args, train_data, data, x0)
-
     gm = MIXTURES[args.dataset]() if args.dataset in MIXTURES else None
-    path = true_paths(gm) if gm is not None else None
+    path = mixture_paths(args.dataset) if gm is not None else None
+    if args.table1:
+        return table1(args, train_data, data, data_b, x0, gm, path)
+
     track = (lambda m: exact_errors(m, path)) if args.track_exact and path is not None else None
     if args.track_exact and path is None:
         print("--track-exact needs a Gaussian mixture (--dataset ring or mixture): skipped")
-    trained = {"shortcut": train("shortcut", train_data, args, args.bootstrap_frac, args.device, track),
-               "flow": train("flow", train_data, args, 0.0, args.device)}
-    models = {k: m.cpu() for k, (m, _) in trained.items()}
-    logs = {k: log for k, (_, log) in trained.items()}
-    samples, trajectories = sample_all(models, x0)
-
-    floor = sliced_w2(data, data_b)
-    metrics = {"dataset": args.dataset, "metric": "sliced W2 to fresh data", "floor": floor,
-               **{name: {n: sliced_w2(samples[name][n], data) for n in STEP_COUNTS} for name in models},
-               "train_seconds": {k: log["seconds"] for k, log in logs.items()}}
-    print(f"\nsliced W2 to {args.n_samples} fresh points (floor, data vs data: {floor:.4f})")
-    print("  steps " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
-    for name in models:
-        print(f"  {name:8s}" + "".join(f"{metrics[name][n]:9.4f}" for n in STEP_COUNTS))
+    name = args.objective
+    teacher = teacher_for(args, train_data)[0] if B.objective(name).two_phase else None
+    model, log = train(name, train_data, args, args.device, objective=name, teacher=teacher, track=track)
+    save_model(os.path.join(args.out, f"{name}.pt"), model, name, log["seconds"], args)
+    models, logs = {name: (name, model.cpu())}, {name: log}
+    if not args.no_baseline and name != "flow":
+        if teacher is not None:
+            models["flow"], logs["flow"] = ("flow", teacher.cpu()), None
+        else:
+            flow, logs["flow"] = train("flow", train_data, args, args.device, objective="flow")
+            models["flow"] = ("flow", flow.cpu())
+    samples, metrics = evaluate(models, x0, data, data_b, gm, path)
+    metrics.update(dataset=args.dataset, objective=name,
+                   train_seconds={k: v["seconds"] for k, v in logs.items() if v is not None})
+    print_metrics(metrics, models)
 
     written = ["samples.png", "trajectories.png", "losses.png"]
-    plot_samples(os.path.join(args.out, "samples.png"), data, samples, [1, 2, 4, 8, 128])
-    plot_trajectories(os.path.join(args.out, "trajectories.png"), data, trajectories, [1, 4, 128])
-    plot_losses(os.path.join(args.out, "losses.png"), logs)
+    off = metrics.get("off_mode")
+    plot_samples(os.path.join(args.out, "samples.png"), data, samples, [1, 2, 4, 8, 128], off)
+    trajectories = trajectories_of(models, x0, [1, 4, 128])
+    if trajectories:
+        plot_trajectories(os.path.join(args.out, "trajectories.png"), data, trajectories, [1, 4, 128])
+    else:
+        written.remove("trajectories.png")
+    plot_losses(os.path.join(args.out, "losses.png"), {k: v for k, v in logs.items() if v is not None})
     if gm is not None:
-        errors = {name: exact_errors(model, path, velocity_only=name == "flow") for name, model in models.items()}
+        errors = {k: exact_errors(m, path, told=B.objective(obj).told) for k, (obj, m) in models.items()}
         metrics["exact_rms_error"] = errors
         print("\nRMS error of s(x_t, t, d) against the exact jump (Phi_{t->t+d}(x_t) - x_t)/d")
-        print("  d     " + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
-        for name in models:
-            print(f"  {name:8s}" + "".join(f"{errors[name][n]:9.4f}" for n in STEP_COUNTS))
+        print("  d       " + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
+        for k in models:
+            print(f"  {k:8s}" + "".join(f"{errors[k][n]:9.4f}" for n in STEP_COUNTS))
         plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()))
         written.append("exact.png")
         if track is not None:
-            metrics["exact_during_training"] = logs["shortcut"]["exact"]
-            plot_exact_training(os.path.join(args.out, "exact_training.png"), logs["shortcut"]["exact"])
+            metrics["exact_during_training"] = log["exact"]
+            plot_exact_training(os.path.join(args.out, "exact_training.png"), log["exact"])
             written.append("exact_training.png")
 
-    arrays = {"data": data, **{f"{name}_{n}": samples[name][n] for name in models for n in STEP_COUNTS}}
+    arrays = {"data": data, **{f"{k}_{n}": samples[k][n] for k in models for n in STEP_COUNTS}}
     write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez_compressed(f, **arrays))
     save_json(os.path.join(args.out, "metrics.json"), metrics)
-    print(f"\ndone in {time.time() - start:.1f}s; wrote {', '.join(written)}, samples.npz, metrics.json to {args.out}")
+    print(f"\ndone in {time.time() - start:.1f}s; wrote {', '.join(written)}, samples.npz, metrics.json and "
+          f"{name}.pt to {args.out}")
     return metrics
+
+
+def print_metrics(metrics, models):
+    w2, off = metrics["sliced_w2"], metrics.get("off_mode")
+    print(f"\nsliced W2 to fresh data (data vs data: {w2['data vs data']:.4f})")
+    print("  steps   " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
+    for k in models:
+        print(f"  {k:8s}" + "".join(f"{w2[k][n]:9.4f}" for n in STEP_COUNTS))
+    if off is not None:
+        print(f"\nshare of samples more than 3 sigma from every mode (data: {100 * off['data']:.1f}%)")
+        print("  steps   " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
+        for k in models:
+            print(f"  {k:8s}" + "".join(f"{100 * off[k][n]:8.1f}%" for n in STEP_COUNTS))
 
 
 if __name__ == "__main__":
