@@ -72,14 +72,15 @@ def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0):
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
 
 
-def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0):
+def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, curriculum=True):
     """Consistency training (Song et al. 2023) as the official code builds it. A curriculum
     over training shrinks the step dt = 2^-k, k = floor(7 progress), from 1 to 1/64. With t on
     the multiples of dt and t2 = t + dt on the same (x0, x1) line, the network (or teacher)
     predicts the end point from x_t2: x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2). Target:
-    s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t."""
+    s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t.
+    curriculum=False (an exercise) uses the final dt = 1/64 from the first step."""
     check_batch(x1, y, clip)
-    k = consistency_level(progress)
+    k = consistency_level(progress if curriculum else 1.0)
     dt = 0.5 ** k
     x0 = torch.randn_like(x1)
     t = torch.floor(torch.rand(len(x1), device=x1.device) * 2 ** k) * dt
@@ -183,7 +184,7 @@ def sample_to_end(model, x0, steps, y=None, cfg_scale=1.0):
     """Euler with the jump to the end: x <- x + d s(x, t, 1 - t) for d = 1/N. For a network
     trained at d = 1 - t (consistency distillation) one step is its one-step map."""
     x, t = x0, 0.0
-    for d in step_sizes(steps, flow=True):
+    for d in step_sizes(steps, off_grid=True):
         tt = torch.full((len(x0),), t, device=x0.device)
         x = x + d * guided(model, x, tt, 1 - tt, y, cfg_scale)
         t += d
@@ -196,7 +197,7 @@ def sample_multistep(model, x0, steps, y=None, cfg_scale=1.0):
     then go back to t + d along a fresh noise draw eps: x <- (t + d) x1_hat + (1 - t - d) eps.
     If x ~ p_t and x1_hat is exact, the new x ~ p_{t+d} exactly, for any N."""
     x, t = x0, 0.0
-    for d in step_sizes(steps, flow=True):
+    for d in step_sizes(steps, off_grid=True):
         tt = torch.full((len(x0),), t, device=x0.device)
         end = x + (1 - t) * guided(model, x, tt, 1 - tt, y, cfg_scale)
         x = (t + d) * end + (1 - t - d) * torch.randn_like(x)

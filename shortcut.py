@@ -39,32 +39,36 @@ Follows:
 * d is embedded as its level log2(1/d) (0 for d = 1, 7 for d = 1/128) by a sinusoidal
   embedder of its own, and c = t_emb + d_emb + label_emb.
 * The flow-matching level is d = 1/128. The public argument d = 0 ("the velocity")
-  maps to that level: the network cannot tell d = 0 from d = 1/128, so the paper's
-  d = 0 and the official 1/128 are the same query here, and 128 shortcut steps are
+  maps to that level (step_level): the network cannot tell d = 0 from d = 1/128, so the
+  paper's d = 0 and the official 1/128 are the same query here, and 128 shortcut steps are
   128 flow-matching Euler steps.
-* The bootstrap levels are spread evenly over the bootstrap part of the batch (with a
-  random offset, so that a small batch still reaches every level over a few steps;
-  the official code's fixed split sends a small batch to level 0 only).
 * Bootstrap targets and the intermediate point x'_{t+d} are clipped to +-4.
 * The loss is the MSE over all elements, so the two parts weigh by their batch share.
 * The DiT: fixed 2-D sin-cos positions, affine-free LayerNorm, tanh-GELU, a zero
   final layer, and a null class (index num_classes) for classifier-free guidance.
 Departs:
-* Flow-matching times are t ~ U[0, 1] (the paper), not the official grid {0..127}/128.
+* Flow-matching times are t ~ U[0, 1] (the paper), not the official grid {0..127}/128,
+  on the plain path (1 - t) x0 + t x1 rather than the official (1 - (1 - 1e-5) t) x0 + t x1.
 * t is scaled by 1000 before its sinusoidal embedding, as in DiT and ADM; the official
   code feeds t in [0, 1] unscaled, which leaves most frequencies nearly constant.
+* The bootstrap levels are spread evenly over the bootstrap rows from a random offset; the
+  official code's fixed split sends the whole bootstrap part of a small batch to level 0.
 * The block adaLN layers are zero-initialised (adaLN-Zero, as in DiT), so a fresh
   model outputs exactly 0; the official code zero-initialises only the final layer.
-* bootstrap_frac defaults to 1/4 (the paper) rather than the official 1/8.
-* Classifier-free guidance inside bootstrap targets (official, ImageNet only) is not
-  done; guidance is applied at sampling time only.
+* Attention scales q.k by 1/sqrt(d_head) (F.scaled_dot_product_attention); the official
+  code scales by 1/d_head.
+* bootstrap_frac defaults to 1/4 (the paper) rather than the official 1/8, and targets come
+  from the model itself unless a teacher (an EMA copy) is passed; the official default is
+  the EMA, which lags badly in short runs (docs/EXERCISES.md, exercise 8).
+* Label dropout (train_images.py) also reaches the bootstrap rows; the official code keeps
+  their true labels. Classifier-free guidance inside bootstrap targets (official, ImageNet
+  only) is not done; guidance is applied at sampling time only.
 """
 import contextlib
 import errno
 import io
 import math
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,26 +85,27 @@ LEVELS = int(math.log2(MAX_STEPS))   # bootstrap steps 2d = 2^-k for k = 0 .. LE
 ################################################################################
 
 def step_level(d):
-    """The level log2(1/d) of a step size; d = 0 (the velocity) is the finest level."""
+    """The level log2(1/d) of a step size. Any d below 1/128, d = 0 (the velocity) among
+    them, is clamped to the finest level, 7."""
     return -torch.log2(d.clamp(min=1.0 / MAX_STEPS))
 
 
 class SinusoidalEmbedder(nn.Module):
-    """A scalar -> sin/cos features at geometric frequencies -> a 2-layer MLP (DiT's), or
-    a single linear layer (mlp=False), which is enough for the 2-D toys at a third of the cost."""
+    """A scalar -> sin/cos features at geometric frequencies (periods up to 10^4) -> a
+    projection to the width: DiT's 2-layer MLP, or with mlp=False a single linear layer,
+    which is enough for the 2-D toys at a third of the cost."""
 
-    def __init__(self, width, scale=1.0, freq_dim=256, max_period=10_000, mlp=True):
+    def __init__(self, width, scale=1.0, freq_dim=256, mlp=True):
         super().__init__()
         half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half),
-                             persistent=False)
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(half) / half), persistent=False)
         self.scale = scale
-        self.mlp = (nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-                    if mlp else nn.Linear(freq_dim, width))
+        self.proj = (nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+                     if mlp else nn.Linear(freq_dim, width))
 
     def forward(self, s):
         args = (self.scale * s.float())[:, None] * self.freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return self.proj(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
 class Conditioning(nn.Module):
@@ -266,8 +271,8 @@ class DiT(nn.Module):
         w = self.patchify.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patchify.bias)
-        for emb in (self.cond.t_emb, self.cond.d_emb):
-            for layer in emb.mlp[0], emb.mlp[2]:
+        for layer in [*self.cond.t_emb.proj.modules(), *self.cond.d_emb.proj.modules()]:
+            if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
         if self.cond.y_emb is not None:
             nn.init.normal_(self.cond.y_emb.weight, std=0.02)
@@ -439,19 +444,22 @@ def _clip(x, clip):
 ################################################################################
 
 @torch.no_grad()
-def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, trajectory=False):
+def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, off_grid=False, trajectory=False):
     """Integrate from noise x0 at t=0 to t=1; returns x1 (and the trajectory).
 
     steps: the number N of shortcut steps, a power of two from 1 to 128, each of size
-    d = 1/N and told its d. It may also be a list of step sizes, each a power of two in
-    [1/128, 1], that sum to 1, such as [1/2, 1/4, 1/4].
-    flow: sample as the plain flow-matching ODE, with the velocity (d = 0) at every
-    step; then N may be any positive integer.
+    d = 1/N and told its d. It may also be a list of step sizes on the training grid: each a
+    power of two in [1/128, 1] that starts at a multiple of itself, summing to 1, such as
+    [1/2, 1/4, 1/4] (but not [1/4, 1/2, 1/4], whose 1/2 starts at t = 1/4).
+    off_grid: allow any N and any positive sizes that sum to 1, for a model trained with
+    continuous d (docs/EXERCISES.md, exercise 6).
+    flow: sample as the plain flow-matching ODE, with the velocity (d = 0) at every step;
+    flow matching trains every t, so any N or list is allowed.
     y, cfg_scale: class labels and the guidance scale w of s_u + w (s_c - s_u); w = 1
     is the conditional model alone.
     trajectory: also return the (N+1, *x0.shape) stack of points visited.
     """
-    sizes = step_sizes(steps, flow)
+    sizes = step_sizes(steps, off_grid=off_grid or flow)
     B = x0.shape[0]
     x, t, path = x0, 0.0, [x0]
     for size in sizes:
@@ -463,20 +471,29 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, trajectory=Fa
     return (x, torch.stack(path)) if trajectory else x
 
 
-def step_sizes(steps, flow=False):
-    """The list of step sizes that `sample` takes for `steps`; ValueError if not allowed."""
-    allowed = "a power of two from 1 to 128 (1, 2, 4, ..., 128)"
+def step_sizes(steps, off_grid=False):
+    """The step sizes that `sample` takes for `steps` (a count or a list); ValueError if they
+    leave the training grid, where every d is a power of two in [1/128, 1] and every step
+    starts at a multiple of its d. off_grid allows any count and any sizes that sum to 1."""
     if isinstance(steps, (list, tuple)):
-        ok = [s > 0 and 2.0 ** round(math.log2(s)) == s and s * MAX_STEPS >= 1 for s in steps]
-        if not steps or not all(ok) or abs(sum(steps) - 1.0) > 1e-9:
-            raise ValueError(f"a list of step sizes must hold powers of two in [1/{MAX_STEPS}, 1] "
-                             f"that sum to 1, such as [0.5, 0.25, 0.25]; got {steps}")
-        return [float(s) for s in steps]
+        sizes = [float(s) for s in steps]
+        if not sizes or min(sizes) <= 0 or abs(sum(sizes) - 1.0) > 1e-9:
+            raise ValueError(f"a list of step sizes must be positive and sum to 1 (on the grid: powers "
+                             f"of two, such as [0.5, 0.25, 0.25]); got {steps}")
+        t = 0.0
+        for d in sizes if not off_grid else []:
+            if 2.0 ** round(math.log2(d)) != d or d * MAX_STEPS < 1 or not (t / d).is_integer():
+                raise ValueError(f"step {d} at t = {t} is off the training grid: each step must be a power "
+                                 f"of two in [1/{MAX_STEPS}, 1] that starts at a multiple of itself, such as "
+                                 f"[0.5, 0.25, 0.25] (off_grid=True allows any split); got {steps}")
+            t += d
+        return sizes
+    allowed = f"a power of two from 1 to {MAX_STEPS} (1, 2, 4, ..., {MAX_STEPS})"
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be {allowed}, got {steps!r}")
-    if not flow and (steps > MAX_STEPS or steps & (steps - 1)):
-        raise ValueError(f"steps must be {allowed}, got {steps}: a shortcut model is trained "
-                         "for those step sizes only (pass a list of step sizes for other splits)")
+    if not off_grid and (steps > MAX_STEPS or steps & (steps - 1)):
+        raise ValueError(f"steps must be {allowed}, got {steps}: a shortcut model is trained for those "
+                         "step sizes only (off_grid=True allows any count, for a model trained with continuous d)")
     return [1.0 / steps] * int(steps)
 
 
@@ -540,6 +557,5 @@ def write_atomic(path, write):
 
 
 def seed_everything(seed):
-    random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -259,10 +259,22 @@ def test_trajectory_and_guidance():
     torch.testing.assert_close(out[:, 0], 3 + 2.0 * (y.float() - 3))    # s_u + w (s_c - s_u)
 
 
-@pytest.mark.parametrize("steps", [3, 256, 0, 6, 2.0, [0.5, 0.3, 0.2], [0.5, 0.25]])
+@pytest.mark.parametrize("steps", [3, 256, 0, 6, 2.0, [0.5, 0.3, 0.2], [0.5, 0.25], [0.25, 0.5, 0.25]])
 def test_sampler_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match="power"):
         S.sample(S.MLP(), torch.randn(4, 2), steps)
+
+
+def test_off_grid_steps_need_the_keyword_and_are_exact_for_the_exact_model():
+    """[1/4, 1/2, 1/4] queries d = 1/2 at t = 1/4, which no training query reaches: refused on
+    the grid. The exact shortcut is right everywhere, so off_grid lands on the flow map."""
+    model = GaussianShortcut(MU, SCALE)
+    x0 = torch.randn(200, 2, dtype=torch.float64)
+    target = model.flow(x0, torch.zeros(200), torch.ones(200))
+    with pytest.raises(ValueError, match="off the training grid"):
+        S.sample(model, x0, [0.25, 0.5, 0.25])
+    for steps in ([0.25, 0.5, 0.25], [0.3, 0.7], 3):         # t = 0.3 is rounded to float32: 1e-7
+        torch.testing.assert_close(S.sample(model, x0, steps, off_grid=True), target, rtol=0, atol=1e-6)
 
 
 ################################################################################
@@ -569,6 +581,14 @@ def test_toy_script_writes_its_outputs(tmp_path):
     assert 0 < saved["off_mode"]["data"] < 0.03 and 0 <= saved["off_mode"]["flow"]["1"] <= 1
 
 
+def test_checkerboard_leaves_alternate_cells_empty():
+    x = toy.sample_data("checkerboard", 16_000, np.random.default_rng(0)) / 0.7
+    cells = np.floor(x).astype(int) + 2                          # 4 x 4 cells, 0 .. 3 each way
+    counts = np.bincount(cells[:, 0] * 4 + cells[:, 1], minlength=16).reshape(4, 4)
+    black = (np.add.outer(np.arange(4), np.arange(4)) % 2 == 0)
+    assert counts[~black].sum() == 0 and np.all(np.abs(counts[black] - 2000) < 200), counts
+
+
 @pytest.mark.parametrize("name", toy.DATASETS)
 def test_datasets_have_unit_scale(name):
     x = toy.sample_data(name, 5000, np.random.default_rng(0))
@@ -757,6 +777,36 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, m
     assert code == 1 and "non-finite" in err
     state = weights(out / "checkpoint.pt")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, capsys, monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("pytorch_fid") or importlib.util.find_spec("torchmetrics"):
+        pytest.skip("an Inception network is installed: FID would be computed")
+    write_cifar(tmp_path / "data", monkeypatch)
+    out = tmp_path / "run"
+    metrics = ti.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "tiny",
+                       "--batch-size", "8", "--steps", "2", "--n-samples", "10", "--eval-steps", "1",
+                       "--out", str(out), "--device", "cpu"])
+    assert "FID skipped: install pytorch-fid" in capsys.readouterr().out
+    assert "shortcut_1" not in metrics
+    assert np.load(out / "samples.npz")["shortcut_1"].shape == (10, 3, 32, 32)
+
+
+def test_ctrl_c_saves_the_current_step_and_resumes(tmp_path, data_dir):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_images.py", *TINY, "--steps", "100000", "--save-every", "100000",
+                             "--log-every", "0.2", "--data-dir", data_dir, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:               # wait until training runs
+        if line.startswith("step"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: saved step" in err and "Traceback" not in err
+    saved = int(err.split("saved step ")[1].split()[0])
+    assert weights(out / "checkpoint.pt")["step"] == saved > 0
 
 
 ################################################################################
@@ -1025,12 +1075,13 @@ def ring_paths():
 
 
 @functools.lru_cache(maxsize=None)
-def quick_train(*flags, frac=0.25, steps=400):
-    """A small toy model, trained once per session for each setting."""
+def quick_train(*flags, frac=0.25, steps=400, objective="shortcut"):
+    """A small toy model, trained once per session for each setting (two-phase objectives
+    learn from a flow-matching teacher trained for the same number of steps)."""
     args = toy.parse_args(["--steps", str(steps), "--batch-size", "256", "--width", "64", "--log-every", "100", *flags])
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
-    model, log = toy.train("test", data, args, torch.device("cpu"), bootstrap_frac=frac)
-    return model, log
+    teacher = quick_train(steps=steps, objective="flow")[0] if B.objective(objective).two_phase else None
+    return toy.train("test", data, args, torch.device("cpu"), objective=objective, bootstrap_frac=frac, teacher=teacher)
 
 
 def one_step_w2(model, flow=False):
@@ -1063,6 +1114,10 @@ def test_exercise_3_without_flow_matching_nothing_is_learned():
 def test_exercise_3_a_missing_level_is_interpolated_by_its_neighbours(ring_paths):
     """--ungrounded drops the 2d = 1/64 targets. Measured: the smooth level embedding fills
     the unsupervised level d = 1/64 in from levels 1/32 and 1/128, so the harm is small."""
+    spy = Spy()
+    S.shortcut_loss(spy, torch.randn(700, 2), grounded=False)
+    big_steps = set(spy.calls[-1][2][:175].tolist())            # the student's query of each bootstrap row
+    assert big_steps == {2.0 ** -k for k in range(6)} and 1 / 64 not in big_steps
     grounded, _ = quick_train()
     ungrounded, _ = quick_train("--ungrounded")
     good, bad = toy.exact_errors(grounded, ring_paths), toy.exact_errors(ungrounded, ring_paths)
@@ -1115,31 +1170,25 @@ def test_exercise_8_a_slow_ema_teacher_lags_in_a_short_run():
     assert one_step_w2(ema) > 1.5 * one_step_w2(online)
 
 
-def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, capsys, monkeypatch):
-    import importlib.util
-    if importlib.util.find_spec("pytorch_fid") or importlib.util.find_spec("torchmetrics"):
-        pytest.skip("an Inception network is installed: FID would be computed")
-    write_cifar(tmp_path / "data", monkeypatch)
-    out = tmp_path / "run"
-    metrics = ti.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "tiny",
-                       "--batch-size", "8", "--steps", "2", "--n-samples", "10", "--eval-steps", "1",
-                       "--out", str(out), "--device", "cpu"])
-    assert "FID skipped: install pytorch-fid" in capsys.readouterr().out
-    assert "shortcut_1" not in metrics
-    assert np.load(out / "samples.npz")["shortcut_1"].shape == (10, 3, 32, 32)
+def off_mode(model, objective, steps):
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)                            # the multistep rule draws fresh noise
+    return toy.off_mode_fraction(B.objective(objective).sample(model, x0, steps).numpy(), toy.ring())
 
 
-def test_ctrl_c_saves_the_current_step_and_resumes(tmp_path, data_dir):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_images.py", *TINY, "--steps", "100000", "--save-every", "100000",
-                             "--log-every", "0.2", "--data-dir", data_dir, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:               # wait until training runs
-        if line.startswith("step"):
-            break
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted: saved step" in err and "Traceback" not in err
-    saved = int(err.split("saved step ")[1].split()[0])
-    assert weights(out / "checkpoint.pt")["step"] == saved > 0
+def test_exercise_10_consistency_training_without_its_curriculum_is_no_worse():
+    with_curriculum, _ = quick_train(objective="consistency-training")
+    fixed_step, _ = quick_train("--no-curriculum", objective="consistency-training")
+    tg = B.make_targets("consistency-training", fixed_step, torch.randn(64, 2), progress=0.0, curriculum=False)
+    assert torch.all(torch.remainder(tg.t, 1 / 64) == 0) and tg.t.max() == 63 / 64     # dt = 1/64 from step 1
+    for n in (4, 128):
+        assert off_mode(fixed_step, "consistency-training", n) < off_mode(with_curriculum, "consistency-training", n)
+
+
+def test_exercise_11_progressive_distillation_is_a_one_step_model():
+    """At an equal total budget (teacher + student = shortcut), the distilled network gets
+    worse with more steps: only its last stage, d = 1, is trained at the end."""
+    distilled, _ = quick_train(objective="progressive-distillation", steps=200)
+    shortcut, _ = quick_train()
+    assert off_mode(distilled, "progressive-distillation", 128) > off_mode(distilled, "progressive-distillation", 1)
+    assert off_mode(shortcut, "shortcut", 128) < off_mode(shortcut, "shortcut", 1)

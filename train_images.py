@@ -1,6 +1,8 @@
-"""Train a shortcut DiT on images and measure it at 1, 2, 4, 8 and 128 steps.
+"""Train a DiT on images by any objective of Table 1 and measure it at 1, 2, 4, 8 and 128 steps.
 
-    python train_images.py                                   # 8x8 digits on the CPU, a few minutes
+    python train_images.py                                   # a shortcut model on 8x8 digits, CPU
+    python train_images.py --objective flow --out out/flow   # the flow-matching baseline
+    python train_images.py --objective reflow --teacher out/flow/checkpoint.pt --out out/reflow
     python train_images.py --device cuda --dataset cifar10 --data-dir data --download
     python train_images.py --device cuda --dataset celeba --data-dir data/img_align_celeba
     python train_images.py --resume out/images/checkpoint.pt --steps 20000   # continue a run
@@ -8,7 +10,8 @@
 
 Writes to --out: checkpoint.pt (every --save-every steps, at the end and on Ctrl-C, atomically),
 grid_N.png for each N, steps.png (a column per N from the same noise), samples.npz and
-metrics.json. Sampling and evaluation use the EMA weights.
+metrics.json. Sampling and evaluation use the EMA weights, and each objective's own sampler
+(baselines.OBJECTIVES); a shortcut model is also sampled by Euler with its velocity (d = 0).
 
 Data: digits are scikit-learn's bundled 8x8 digits (1,797 images, offline). CIFAR-10 is read
 from the python archive cifar-10-python.tar.gz (or its extracted folder cifar-10-batches-py)
@@ -16,13 +19,15 @@ in --data-dir; --download fetches it and checks its md5. CelebA is read from a f
 aligned JPEGs (img_align_celeba), center-cropped and resized to 64x64 once, then cached as
 celeba64.npy beside them.
 
-Metrics: for digits, the Frechet distance in the hidden features of a small classifier fit
-on the real digits, its real-vs-real floor, and that classifier's accuracy on the requested
-labels. For CIFAR-10 and CelebA, FID with the standard Inception network when pytorch-fid
-(or torchmetrics with torch-fidelity) is installed; it fetches the weights on first use.
+Metrics: for digits, the Frechet distance in the hidden features of a small classifier fit on
+the real digits (with the same distance between two halves of the real digits beside it), and
+that classifier's accuracy on the requested labels. For CIFAR-10 and CelebA, FID with the
+standard Inception network when pytorch-fid (or torchmetrics with torch-fidelity) is installed;
+it fetches the weights on first use.
 
-Speed: --benchmark times training and sampling on random data and prints img/s, TFLOP/s and
-MFU. Several GPUs: torchrun --nproc_per_node=N train_images.py ... (--batch-size is global).
+Speed: --benchmark times a training step of every objective and sampling on random data, and
+prints img/s, TFLOP/s and MFU. Several GPUs: torchrun --nproc_per_node=N train_images.py ...
+(--batch-size is global).
 """
 import argparse
 import contextlib
@@ -590,8 +595,10 @@ def save_cache(path, write):
         print(f"could not write the cache {path} ({e.strerror or e}); continuing without it", flush=True)
 
 
-def save_grid(path, x01, nrow):
-    from PIL import Image
+def save_grid(path, x01, nrow, col_labels=None):
+    """Images (n, C, H, W) in [0, 1] as a PNG grid of nrow rows, scaled up to about 512
+    pixels, with an optional label over each column."""
+    from PIL import Image, ImageDraw
     n, C, H, W = x01.shape
     ncol = math.ceil(n / nrow)
     grid = np.ones((C, nrow * (H + 1) + 1, ncol * (W + 1) + 1), np.float32)
@@ -599,9 +606,16 @@ def save_grid(path, x01, nrow):
         r, c = divmod(i, ncol)
         grid[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = x01[i]
     img = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
-    img = Image.fromarray(img[..., 0] if C == 1 else img)
+    img = Image.fromarray(img[..., 0] if C == 1 else img).convert("RGB")
     scale = max(1, 512 // max(img.height, img.width))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if col_labels:
+        framed = Image.new("RGB", (img.width, img.height + 16), "white")
+        framed.paste(img, (0, 16))
+        draw = ImageDraw.Draw(framed)
+        for c, label in enumerate(col_labels):
+            draw.text((scale * (c * (W + 1) + 1 + W // 2) - 3 * len(str(label)), 2), str(label), fill="black")
+        img = framed
     write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
@@ -633,8 +647,8 @@ def evaluate(args, ema, data, judge=None):
     for N in args.eval_steps:
         save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"{name}_{N}"][order].numpy(), nrow=rows)
     cols = [samples[f"{name}_{N}"][:rows] for N in args.eval_steps]
-    save_grid(os.path.join(args.out, "steps.png"),
-              torch.stack(cols, 1).flatten(0, 1).numpy(), nrow=rows)
+    save_grid(os.path.join(args.out, "steps.png"), torch.stack(cols, 1).flatten(0, 1).numpy(), nrow=rows,
+              col_labels=[f"N={N}" for N in args.eval_steps])
 
     metrics = {"dataset": args.dataset, "objective": name, "n_samples": n, "cfg_scale": args.cfg_scale}
     if judge is not None:
@@ -643,7 +657,7 @@ def evaluate(args, ema, data, judge=None):
         perm = np.random.default_rng(0).permutation(len(real))
         ref, held = real[perm[:len(real) // 2]], real[perm[len(real) // 2:]]
         f_ref = judge.features(ref)
-        m = len(held)          # the same sample size on both sides keeps the floor comparable
+        m = len(held)          # the same sample size on both sides keeps real vs real comparable
         metrics["metric"] = "Frechet distance in digit-classifier features"
         metrics["real_vs_real"] = frechet_distance(judge.features(held), f_ref)
         for k, v in samples.items():

@@ -1,20 +1,25 @@
-"""Shortcut models on 2-D data: the paper's Figure 1 on a laptop CPU in well under a minute.
+"""Shortcut models on 2-D data: the paper's Figure 1 and Table 1 on a laptop CPU.
 
-    python train_toy.py                      # 8 Gaussians on a ring, writes out/toy/
+    python train_toy.py                      # 8 Gaussians on a ring, writes out/toy/ (~45 s)
     python train_toy.py --dataset moons --steps 6000
+    python train_toy.py --objective consistency-training     # any objective of baselines.py
+    python train_toy.py --table1             # every objective at one budget (< 3 minutes)
 
-Trains a shortcut model and a flow-matching baseline (bootstrap_frac=0) with the same
+Trains a model on --objective (default: shortcut) and a flow-matching baseline with the same
 network, budget and seed, then writes to --out:
   samples.png      one row per model, one column per step count, plus the data
-  trajectories.png sample paths at 1, 4 and 128 steps
-  losses.png       the flow-matching and self-consistency parts of the loss during training
+  trajectories.png sample paths at 1, 4 and 128 steps (Euler samplers)
+  losses.png       the data rows' and the bootstrap rows' parts of the loss during training
   exact.png        (Gaussian mixtures) the learned shortcut against the exact jump
                    (Phi_{t->t+d}(x) - x)/d of the true flow map, for each d
-  samples.npz      data, shortcut_N and flow_N for N = 1 .. 128, from the same noise
-  metrics.json     sliced Wasserstein-2 distance to fresh data per N, and its floor
+  samples.npz      data and NAME_N for N = 1 .. 128, from the same noise
+  metrics.json     per N: sliced Wasserstein-2 distance to fresh data (and data vs data)
+                   and, for mixtures, the share of samples more than 3 sigma from every mode
+  NAME.pt          the trained model, to sample again without training
+--table1 writes table1.md, table1.png, table1.npz, table1.json and a checkpoint per objective.
 
-The ablation flags (--ungrounded, --no-stop-grad, --d-sampling, --teacher, --track-exact,
---sweep) serve the exercises in docs/EXERCISES.md.
+The ablation flags (--ungrounded, --no-stop-grad, --d-sampling, --ema-teacher, --no-curriculum,
+--track-exact, --sweep) serve the exercises in docs/EXERCISES.md.
 """
 import argparse
 import copy
@@ -141,11 +146,9 @@ def sample_data(name, n, rng):
         from sklearn.datasets import make_swiss_roll
         x = make_swiss_roll(n, noise=0.3, random_state=seed)[0][:, [0, 2]]
         return (x / 7.0).astype(np.float32)
-    if name == "checkerboard":
+    if name == "checkerboard":      # the 8 cells of a 4x4 board whose row + column is even
         x = rng.uniform(-2, 2, size=(n, 2))
-        x[:, 1] = rng.uniform(0, 1, size=n) + rng.integers(-2, 2, size=n)
-        x[:, 1] += np.floor(x[:, 0]) % 2
-        x[:, 1] = (x[:, 1] + 2) % 4 - 2
+        x[:, 1] = rng.uniform(0, 1, size=n) + 2 * rng.integers(-1, 1, size=n) + np.floor(x[:, 0]) % 2
         return (x * 0.7).astype(np.float32)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
@@ -186,6 +189,8 @@ def train(label, data, args, device, *, objective="shortcut", bootstrap_frac=Non
     if objective == "shortcut":
         options = dict(bootstrap_frac=args.bootstrap_frac if bootstrap_frac is None else bootstrap_frac,
                        grounded=not args.ungrounded, stop_grad=not args.no_stop_grad, d_sampling=args.d_sampling)
+    elif objective == "consistency-training":
+        options = dict(curriculum=not args.no_curriculum)
     data = torch.as_tensor(data, device=device)
     log = {"fm": [], "sc": [], "exact": {}}
     t0 = last = time.time()
@@ -435,6 +440,8 @@ def parse_args(argv=None):
     e.add_argument("--ema-teacher", action="store_true",
                    help="build the targets with an EMA copy (the official default) instead of the model itself")
     e.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of --ema-teacher (default: 0.999)")
+    e.add_argument("--no-curriculum", action="store_true",
+                   help="--objective consistency-training: the final step dt = 1/64 from the first step on")
     e.add_argument("--track-exact", type=int, default=0, metavar="K",
                    help="every K steps, measure the shortcut's error against the exact flow (mixtures) "
                         "and draw exact_training.png")
@@ -676,9 +683,10 @@ def main(argv=None):
         errors = {k: exact_errors(m, path, told=B.objective(obj).told) for k, (obj, m) in models.items()}
         metrics["exact_rms_error"] = errors
         print("\nRMS error of s(x_t, t, d) against the exact jump (Phi_{t->t+d}(x_t) - x_t)/d")
-        print("  d       " + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
+        w = max(map(len, models))
+        print(f"  {'d':{w}s}" + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
         for k in models:
-            print(f"  {k:8s}" + "".join(f"{errors[k][n]:9.4f}" for n in STEP_COUNTS))
+            print(f"  {k:{w}s}" + "".join(f"{errors[k][n]:9.4f}" for n in STEP_COUNTS))
         plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()))
         written.append("exact.png")
         if track is not None:
@@ -695,16 +703,16 @@ def main(argv=None):
 
 
 def print_metrics(metrics, models):
-    w2, off = metrics["sliced_w2"], metrics.get("off_mode")
+    w2, off, w = metrics["sliced_w2"], metrics.get("off_mode"), max(map(len, models))
     print(f"\nsliced W2 to fresh data (data vs data: {w2['data vs data']:.4f})")
-    print("  steps   " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
+    print(f"  {'steps':{w}s}" + "".join(f"{n:>9d}" for n in STEP_COUNTS))
     for k in models:
-        print(f"  {k:8s}" + "".join(f"{w2[k][n]:9.4f}" for n in STEP_COUNTS))
+        print(f"  {k:{w}s}" + "".join(f"{w2[k][n]:9.4f}" for n in STEP_COUNTS))
     if off is not None:
         print(f"\nshare of samples more than 3 sigma from every mode (data: {100 * off['data']:.1f}%)")
-        print("  steps   " + "".join(f"{n:>9d}" for n in STEP_COUNTS))
+        print(f"  {'steps':{w}s}" + "".join(f"{n:>9d}" for n in STEP_COUNTS))
         for k in models:
-            print(f"  {k:8s}" + "".join(f"{100 * off[k][n]:8.1f}%" for n in STEP_COUNTS))
+            print(f"  {k:{w}s}" + "".join(f"{100 * off[k][n]:8.1f}%" for n in STEP_COUNTS))
 
 
 if __name__ == "__main__":
