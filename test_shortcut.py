@@ -34,8 +34,6 @@ torch.set_default_dtype(torch.float32)
 class GaussianShortcut(torch.nn.Module):
     """The exact shortcut for x1 ~ N(mu, s^2 I): Phi_{t->t+d}(x) = (t+d) mu + sigma(t+d)/sigma(t) (x - t mu)."""
 
-    num_classes = 0
-
     def __init__(self, mu, s):
         super().__init__()
         self.mu, self.s = torch.as_tensor(mu, dtype=torch.float64), s
@@ -123,8 +121,6 @@ def test_self_consistency_loss_vanishes_for_the_exact_shortcut(kind):
     assert info["sc"] < 1e-16 and math.isnan(info["fm"])
 
     class Wrong(torch.nn.Module):       # exact, plus an error that grows with the level
-        num_classes = 0
-
         def forward(self, x, t, d, y=None):
             return model(x, t, d) + 0.1 * S.step_level(d)[:, None].double()
 
@@ -153,8 +149,6 @@ def test_flow_matching_loss_equals_the_irreducible_loss():
 
 class Spy(torch.nn.Module):
     """Records every query; answers zero."""
-
-    num_classes = 0
 
     def __init__(self):
         super().__init__()
@@ -207,8 +201,6 @@ def test_targets_come_from_the_teacher_without_gradient():
 
 def test_targets_are_clipped():
     class Big(torch.nn.Module):
-        num_classes = 0
-
         def forward(self, x, t, d, y=None):
             return torch.full_like(x, 10.0)
     loss, info = S.shortcut_loss(Big(), torch.zeros(8, 3), bootstrap_frac=1.0, clip=4.0)
@@ -284,8 +276,6 @@ def test_off_grid_steps_need_the_keyword_and_are_exact_for_the_exact_model():
 class CosineGaussian(torch.nn.Module):
     """The exact velocity of the cosine path x_t = cos(pi t/2) x0 + sin(pi t/2) x1 for
     x1 ~ N(mu, s^2 I): x_t ~ N(b mu, sigma^2), sigma^2 = a^2 + b^2 s^2, v = b' mu + sigma'/sigma (x - b mu)."""
-
-    num_classes = 0
 
     def __init__(self, mu, s):
         super().__init__()

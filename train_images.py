@@ -59,7 +59,7 @@ except ImportError:                    # numpy < 2
     from numpy.core.multiarray import _reconstruct
 
 from baselines import OBJECTIVES, make_targets, new_stage, objective
-from shortcut import (LEVELS, DiT, DiTConfig, dit_config, ema_update, errors, pick_device, sample, seed_everything,
+from shortcut import (LEVELS, DiT, dit_config, ema_update, errors, pick_device, sample, seed_everything,
                       step_sizes, write_atomic)
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -100,7 +100,7 @@ class ExactShortcut(torch.nn.Module):
 
     def __init__(self, gm, h=1.0 / 1024):
         super().__init__()
-        self.gm, self.h, self.num_classes = gm, h, 0
+        self.gm, self.h = gm, h
 
     def forward(self, x, t, d, y=None):
         out = torch.empty_like(x, dtype=torch.float64)
@@ -378,7 +378,10 @@ def plot_losses(path, logs, window=50):
         ax.set(xlabel="training step", title=f"{title}, running mean")
         ax.set_yscale("symlog", linthresh=1e-4)
         if ax.lines:
+            ax.set_ylim(bottom=0)
             ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no rows of this kind", ha="center", transform=ax.transAxes)
     save_figure(fig, path)
 
 
