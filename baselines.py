@@ -18,6 +18,10 @@ So every row is a shortcut model trained on part of the (t, d) plane: consistenc
 shortcut models restricted to d = 1 - t, progressive distillation trains one d at a time, and
 flow matching trains only d = 0.
 
+Beyond the paper: `meanflow` (Geng et al. 2025), the continuous-time form of eq. 5, and the
+option pair="ot" of every builder but reflow, which couples noise and data within a batch by
+minibatch optimal transport (as in iSM, "Improved Training Technique for Shortcut Models").
+
 Where these depart from the official builders (kvfrans/shortcut-models, targets_*.py):
 * The official code ignores d ("ignore_dt") for everything but shortcut and live reflow; here
   each objective is told the d above, so one network and one sampler serve them all.
@@ -39,8 +43,10 @@ from typing import Callable
 
 import torch
 
-from shortcut import (LEVELS, MAX_STEPS, Targets, bcast, check_batch, guided, interpolate, sample, shortcut_targets,
-                      step_sizes, two_jumps)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from shortcut import (LEVELS, MAX_STEPS, Targets, bcast, check_batch, draw_noise, guided, interpolate, sample,
+                      shortcut_targets, step_sizes, two_jumps)
 
 REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair, as
 LIVE_REFLOW_STEPS = 8    # live reflow makes its pairs with the model itself (official)
@@ -50,10 +56,10 @@ LIVE_REFLOW_STEPS = 8    # live reflow makes its pairs with the model itself (of
 #                         One-phase objectives (from data)                     #
 ################################################################################
 
-def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0):
+def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent"):
     """Flow matching (Lipman et al. 2023; Liu et al. 2023): s(x_t, t, 0) <- x1 - x0 with
     t ~ U[0, 1]; the network is told d = 0, the velocity."""
-    return shortcut_targets(model, x1, y, bootstrap_frac=0.0, clip=clip)
+    return shortcut_targets(model, x1, y, bootstrap_frac=0.0, clip=clip, pair=pair)
 
 
 def shortcut(model, x1, y=None, *, teacher=None, progress=0.0, **options):
@@ -62,17 +68,18 @@ def shortcut(model, x1, y=None, *, teacher=None, progress=0.0, **options):
     return shortcut_targets(model, x1, y, teacher=teacher, **options)
 
 
-def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0):
+def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent"):
     """A diffusion model on the variance-preserving cosine path (Nichol & Dhariwal 2021),
     x_t = cos(pi t/2) x0 + sin(pi t/2) x1, regressing its velocity
     dx_t/dt = (pi/2) (cos(pi t/2) x1 - sin(pi t/2) x0); the network is told d = 0."""
     check_batch(x1, y, clip)
-    x0, t = torch.randn_like(x1), torch.rand(len(x1), device=x1.device)
+    x0, t = draw_noise(x1, pair), torch.rand(len(x1), device=x1.device)
     a, b = bcast(torch.cos(math.pi / 2 * t), x1), bcast(torch.sin(math.pi / 2 * t), x1)
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
 
 
-def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, curriculum=True):
+def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent",
+                         curriculum=True):
     """Consistency training (Song et al. 2023) as the official code builds it. A curriculum
     over training shrinks the step dt = 2^-k, k = floor(7 progress), from 1 to 1/64. With t on
     the multiples of dt and t2 = t + dt on the same (x0, x1) line, the network (or teacher)
@@ -82,7 +89,7 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=
     check_batch(x1, y, clip)
     k = consistency_level(progress if curriculum else 1.0)
     dt = 0.5 ** k
-    x0 = torch.randn_like(x1)
+    x0 = draw_noise(x1, pair)
     t = torch.floor(torch.rand(len(x1), device=x1.device) * 2 ** k) * dt
     t2 = t + dt
     with torch.no_grad():
@@ -97,12 +104,12 @@ def consistency_level(progress):
     return min(int(progress * LEVELS), LEVELS - 1)
 
 
-def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, reflow_frac=1 / 8):
+def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent", reflow_frac=1 / 8):
     """Live reflow (the paper's own one-phase alternative). A reflow_frac share of the rows:
     the model (or teacher) maps fresh noise x0 to x1_hat with 8 Euler steps of its velocity, and
     s(x_t, t, 1) <- sg[x1_hat - x0] at a random t on the line from x0 to x1_hat, told d = 1.
-    The other rows are flow matching."""
-    tg = flow_matching(model, x1, y, clip=clip)
+    The other rows are flow matching (paired by `pair`)."""
+    tg = flow_matching(model, x1, y, clip=clip, pair=pair)
     n = round(reflow_frac * len(x1))
     if n == 0:
         return tg
@@ -119,14 +126,14 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, refl
 #                  Two-phase objectives (from a flow-matching teacher)         #
 ################################################################################
 
-def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0):
+def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
     """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen
     flow-matching teacher takes one Euler step of h = 1/128 from x_t to x_t2, the network
     predicts the end point from there, x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t."""
     check_batch(x1, y, clip)
     h = 1.0 / MAX_STEPS
-    x0 = torch.randn_like(x1)
+    x0 = draw_noise(x1, pair)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
     x_t, t2 = interpolate(x0, x1, t), t + h
     with torch.no_grad():
@@ -135,7 +142,7 @@ def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     return Targets(x_t, t, 1 - t, y, (end - x_t) / bcast(1 - t, x1), len(x1))
 
 
-def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0):
+def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
     """Progressive distillation (Salimans & Ho 2022) in 7 stages: stage j trains the single
     step d = 2^-(6-j) (1/64 first, 1 last) on t in the multiples of d, with the target the mean
     of two teacher jumps of d/2 (eq. 5's construction, clipped): s(x_t, t, d) <- sg[two jumps].
@@ -143,7 +150,7 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     a copy of the student (`new_stage`): the training loop does both. Told the stage's d."""
     check_batch(x1, y, clip)
     d = 0.5 ** (LEVELS - 1 - distillation_stage(progress))
-    x0 = torch.randn_like(x1)
+    x0 = draw_noise(x1, pair)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
     x_t, dd = interpolate(x0, x1, t), torch.full_like(t, d)
     with torch.no_grad():
@@ -162,17 +169,52 @@ def new_stage(name, progress, next_progress):
     return name == "progressive-distillation" and distillation_stage(next_progress) != distillation_stage(progress)
 
 
-def reflow(model, x1, y=None, *, teacher, progress=0.0, clip=4.0):
+def reflow(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
     """Reflow (Liu et al. 2023, rectified flow): the frozen flow-matching teacher maps fresh
     noise x0 to x1_hat = ODE(x0) (8 Euler steps), and a new model is flow-matched on the
     coupled pairs, s(x_t, t, 0) <- x1_hat - x0, whose straighter paths take fewer steps.
-    The data batch x1 only sets the batch size: reflow sees data through its teacher."""
+    The data batch x1 only sets the batch size: reflow sees data through its teacher, whose
+    map is already its coupling, so pair="ot" has nothing to re-pair and is refused."""
     check_batch(x1, y, clip)
+    if pair != "independent":
+        raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
     with torch.no_grad():
         x1_hat = sample(teacher, x0, REFLOW_STEPS, y, flow=True)
     t = torch.rand(len(x1), device=x1.device)
     return Targets(interpolate(x0, x1_hat, t), t, torch.zeros_like(t), y, x1_hat - x0, len(x1))
+
+
+################################################################################
+#                 Beyond the paper: MeanFlow, eq. 5 in continuous time         #
+################################################################################
+
+def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent", meanflow_frac=0.25):
+    """MeanFlow (Geng et al. 2025): eq. 5 in continuous time. s(x, t, d) is the average
+    velocity over [t, t + d]; differentiating d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the
+    path with t + d held fixed gives s = v + d (v . grad_x s + d_t s - d_d s), and the target is
+    its right side under stop-gradient with v = x1 - x0 (`meanflow_target`). Queries: a
+    1 - meanflow_frac share of the rows has d = 0 (the target is then v: flow matching); in the
+    rest, t and t + d are the smaller and larger of two uniforms, so t + d <= 1. Told d, any d
+    in [0, 1]; sampled by the shortcut sampler."""
+    check_batch(x1, y, clip)
+    B, n = len(x1), round(meanflow_frac * len(x1))
+    x0 = draw_noise(x1, pair)
+    a, b = torch.rand(B, device=x1.device), torch.rand(B, device=x1.device)
+    t = torch.cat([torch.minimum(a, b)[:n], a[n:]])
+    d = torch.cat([(a - b).abs()[:n], torch.zeros(B - n, device=x1.device)])
+    x_t = interpolate(x0, x1, t)
+    return Targets(x_t, t, d, y, meanflow_target(teacher or model, x_t, t, d, x1 - x0, y), n)
+
+
+def meanflow_target(net, x_t, t, d, v, y=None):
+    """sg[v + d (v . grad_x s + d_t s - d_d s)] at (x_t, t, d): one forward-mode JVP of the
+    network with tangent (v, 1, -1). The fused attention kernels have no forward-mode rule,
+    so attention runs on the math kernel here."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, ds = torch.func.jvp(lambda x, t, d: net(x, t, d, y), (x_t, t, d),
+                               (v, torch.ones_like(t), -torch.ones_like(d)))
+    return v + bcast(d, v) * ds
 
 
 ################################################################################
@@ -228,6 +270,7 @@ OBJECTIVES = {
     "consistency-distillation": Objective(consistency_distillation, sample_to_end, "1 - t", two_phase=True),
     "progressive-distillation": Objective(progressive_distillation, sample, "step", two_phase=True),
     "reflow": Objective(reflow, _velocity, "0", two_phase=True),
+    "meanflow": Objective(meanflow, sample, "step"),
 }
 
 

@@ -324,14 +324,15 @@ class Targets:
                        self.target[sl], len(range(self.n_boot)[sl]))
 
 
-def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0,
+def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, pair="independent",
                      grounded=True, stop_grad=True, d_sampling="dyadic"):
     """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1.
 
     The first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad
     by `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets, so
     bootstrap_frac=0 is plain flow matching. clip bounds the bootstrap targets and the
-    intermediate point (None: no clipping). The last three keywords are ablations for the
+    intermediate point (None: no clipping). pair="ot" couples noise and data by minibatch
+    optimal transport (draw_noise). The last three keywords are ablations for the
     exercises (docs/EXERCISES.md); their defaults are the method:
       grounded=False  no target at 2d = 1/64: the level d = 1/64 is never supervised and the
                       1/32 targets are built on it;
@@ -347,7 +348,7 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
 
     # 1. Draw the queries: the big step 2d and its t for the self-consistency rows; for the
     #    flow-matching rows t ~ U[0, 1] and d = 0, which step_level maps to the finest level.
-    x0 = torch.randn_like(x1)
+    x0 = draw_noise(x1, pair)
     draw = dyadic_steps if d_sampling == "dyadic" else uniform_steps
     t_sc, d2 = draw(n_sc, x1.device, LEVELS if grounded else LEVELS - 1)
     t = torch.cat([t_sc, torch.rand(B - n_sc, device=x1.device)])
@@ -413,6 +414,21 @@ def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=
     return regress(model, shortcut_targets(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac,
                                            clip=clip, grounded=grounded, stop_grad=stop_grad,
                                            d_sampling=d_sampling))
+
+
+def draw_noise(x1, pair="independent"):
+    """Noise x0 ~ N(0, I) for a batch of data x1. pair="ot" re-pairs it within the batch by
+    the assignment that minimises the total squared distance |x1 - x0|^2 (minibatch optimal
+    transport, as in iSM): straighter paths, which fewer steps can follow."""
+    x0 = torch.randn_like(x1)
+    if pair == "ot":
+        from scipy.optimize import linear_sum_assignment      # scipy comes with scikit-learn
+        cost = torch.cdist(x1.flatten(1).float(), x0.flatten(1).float()).pow(2)
+        _, cols = linear_sum_assignment(cost.cpu().numpy())   # row i of x1 gets noise cols[i]
+        return x0[torch.as_tensor(cols, device=x0.device)]
+    if pair != "independent":
+        raise ValueError(f"pair must be 'independent' or 'ot', got {pair!r}")
+    return x0
 
 
 def interpolate(x0, x1, t):

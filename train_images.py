@@ -352,6 +352,8 @@ def make_step(args, model, ema, opt, teacher=None):
     if teacher is None and args.ema_teacher:
         teacher = ema
     options = {"bootstrap_frac": args.bootstrap_frac} if args.objective == "shortcut" else {}
+    if args.objective != "reflow":
+        options["pair"] = args.pair
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def forward_backward(x1, y, progress):
@@ -749,7 +751,7 @@ def benchmark(args, cfg, device):
     print(f"  {'objective':26s}{'img/s':>10s}{'ms/step':>10s}{'vs flow':>9s}{'TFLOP/s':>10s}{'MFU':>8s}")
     times = {}
     for name in OBJECTIVES:
-        run = argparse.Namespace(**{**vars(args), "objective": name})
+        run = argparse.Namespace(**{**vars(args), "objective": name, "pair": "independent"})
         model, ema, opt = build(run, cfg, device)
         teacher = copy.deepcopy(model) if objective(name).two_phase else None
         rows = forward_rows(make_step(argparse.Namespace(**{**vars(run), "compile": False}), model, ema, opt,
@@ -812,6 +814,9 @@ def parse_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (default: 1.0)")
     a("--ema", type=float, default=0.999, help="EMA decay (default: 0.999, official)")
     a("--ema-teacher", action="store_true", help="bootstrap targets from the EMA weights (the official default)")
+    a("--pair", default="independent", choices=["independent", "ot"],
+      help="how noise and data are paired in a batch: independently (default) or by minibatch optimal transport "
+      "(scipy's linear_sum_assignment on the CPU: one host sync per step); not for reflow")
     a("--bootstrap-frac", type=float, default=0.25, help="share of each batch with self-consistency targets; 0 trains the flow-matching baseline (default: 0.25)")
     a("--label-dropout", type=float, default=0.1, help="probability of replacing a label by the null class (default: 0.1)")
     a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale at sampling; 1 is none (default: 1)")
@@ -837,6 +842,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.objective not in OBJECTIVES:
         raise UserError(f"unknown objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if args.pair == "ot" and args.objective == "reflow":
+        raise UserError("--pair ot does not apply to reflow, whose pairs come from its teacher")
     if objective(args.objective).two_phase and not (args.teacher or args.resume or args.benchmark):
         raise UserError(f"--objective {args.objective} is two-phase: pass --teacher PATH, the checkpoint.pt of a "
                         "flow-matching run (python train_images.py --objective flow --out out/flow)")

@@ -170,11 +170,13 @@ def sliced_w2(a, b, n_proj=512, seed=0):
 #                                   Training                                   #
 ################################################################################
 
-def train(label, data, args, device, *, objective="shortcut", bootstrap_frac=None, teacher=None, track=None):
+def train(label, data, args, device, *, objective="shortcut", bootstrap_frac=None, pair=None, teacher=None,
+          track=None):
     """Trains one MLP on an objective of baselines.OBJECTIVES; returns it and its log (losses
     per step, seconds, and the exact errors every --track-exact steps when `track` is given).
-    teacher: the flow-matching model of a two-phase objective. The learning rate decays to 0,
-    so the model itself is sampled; --ema-teacher keeps an EMA only to build the targets."""
+    teacher: the flow-matching model of a two-phase objective; pair: noise-data pairing
+    (default --pair). The learning rate decays to 0, so the model itself is sampled;
+    --ema-teacher keeps an EMA only to build the targets."""
     seed_everything(args.seed)
     model = MLP(width=args.width, depth=args.depth).to(device)
     if objective == "progressive-distillation":       # the student starts as its teacher, which then changes
@@ -191,6 +193,8 @@ def train(label, data, args, device, *, objective="shortcut", bootstrap_frac=Non
                        grounded=not args.ungrounded, stop_grad=not args.no_stop_grad, d_sampling=args.d_sampling)
     elif objective == "consistency-training":
         options = dict(curriculum=not args.no_curriculum)
+    if objective != "reflow":
+        options["pair"] = pair or args.pair
     data = torch.as_tensor(data, device=device)
     log = {"fm": [], "sc": [], "exact": {}}
     t0 = last = time.time()
@@ -425,6 +429,9 @@ def parse_args(argv=None):
                         "flow-matching teacher, or load --teacher")
     p.add_argument("--teacher", metavar="PATH", help="a toy checkpoint of a flow-matching model (such as "
                    "out/toy/flow.pt) to teach a two-phase objective, instead of training one")
+    p.add_argument("--pair", default="independent", choices=["independent", "ot"],
+                   help="how noise and data are paired in a batch: independently (default) or by minibatch "
+                        "optimal transport, which straightens the paths (not for reflow, paired by its teacher)")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not train the flow-matching baseline beside the model (faster ablations)")
     p.add_argument("--table1", action="store_true",
@@ -454,6 +461,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 1500 if args.table1 else 3000
+    if args.pair == "ot" and args.objective == "reflow":
+        p.error("--pair ot does not apply to reflow, whose pairs come from its teacher")
     for flag in ("steps", "batch_size", "n_samples", "width", "depth"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -562,6 +571,9 @@ def teacher_for(args, train_data):
 
 
 TABLE_STEPS = [1, 4, 128]
+# (row, objective, pairing): every objective of baselines.py, and the shortcut model with
+# minibatch optimal-transport pairing
+TABLE_ROWS = [(name, name, "independent") for name in B.OBJECTIVES] + [("shortcut + OT", "shortcut", "ot")]
 
 
 def table1(args, train_data, data, data_b, x0, gm, path):
@@ -570,31 +582,36 @@ def table1(args, train_data, data, data_b, x0, gm, path):
     `flow` row itself, whose steps they also cost."""
     start = time.time()
     models, seconds = {}, {}
-    for name in B.OBJECTIVES:
-        ckpt = os.path.join(args.out, f"{name}.pt")
-        loaded = load_model(ckpt, args, name) if args.reuse else None
-        if loaded is None and name == "flow" and args.teacher:
+    for row, name, pair in TABLE_ROWS:
+        ckpt = os.path.join(args.out, f"{file_name(row)}.pt")
+        loaded = load_model(ckpt, args, row) if args.reuse else None
+        if loaded is None and row == "flow" and args.teacher:
             loaded = load_model(args.teacher, args)
         if loaded is None:
             teacher = models["flow"][1] if B.objective(name).two_phase else None
-            model, log = train(name, train_data, args, args.device, objective=name, teacher=teacher)
+            model, log = train(row, train_data, args, args.device, objective=name, pair=pair, teacher=teacher)
             loaded = (model, log["seconds"])
-            save_model(ckpt, model, name, log["seconds"], args)
-        models[name], seconds[name] = (name, loaded[0]), loaded[1]
+            save_model(ckpt, model, row, log["seconds"], args)
+        models[row], seconds[row] = (name, loaded[0]), loaded[1]
     samples, metrics = evaluate(models, x0, data, data_b, gm, path, counts=[1, 2, 4, 8, 128])
-    budget = {name: f"{args.steps} + {args.steps} teacher" if B.objective(name).two_phase else str(args.steps)
-              for name in B.OBJECTIVES}
+    budget = {row: f"{args.steps} + {args.steps} teacher" if B.objective(name).two_phase else str(args.steps)
+              for row, (name, _) in models.items()}
     metrics.update(train_seconds=seconds, budget_steps=budget, batch_size=args.batch_size)
     md = table1_markdown(metrics, seconds, budget, args)
     print("\n" + md)
     write_atomic(os.path.join(args.out, "table1.md"), lambda f: f.write(md.encode()))
     save_json(os.path.join(args.out, "table1.json"), metrics)
-    arrays = {"data": data, **{f"{name}_{n}": samples[name][n] for name in models for n in (1, 2, 4, 8, 128)}}
+    arrays = {"data": data, **{f"{file_name(row)}_{n}": samples[row][n] for row in models for n in (1, 2, 4, 8, 128)}}
     write_atomic(os.path.join(args.out, "table1.npz"), lambda f: np.savez_compressed(f, **arrays))
     plot_table1(os.path.join(args.out, "table1.png"), data, samples, metrics)
     print(f"\ntable 1 done in {time.time() - start:.1f}s; wrote table1.md, table1.png, table1.npz, table1.json "
           f"and a checkpoint per objective to {args.out}")
     return metrics
+
+
+def file_name(row):
+    """A table row's name as a file or key name: 'shortcut + OT' -> 'shortcut_OT'."""
+    return row.replace(" + ", "_")
 
 
 def table1_markdown(metrics, seconds, budget, args):
@@ -604,7 +621,7 @@ def table1_markdown(metrics, seconds, budget, args):
     cols = [f"off-mode {n}" for n in TABLE_STEPS] * (off is not None) + [f"SW2 {n}" for n in TABLE_STEPS]
     cols += ["jump error"] * (off is not None) + ["steps", "train s"]
     lines = ["| objective | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name in B.OBJECTIVES:
+    for name in budget:
         row = [f"{100 * off[name][n]:.1f}%" for n in TABLE_STEPS] if off is not None else []
         row += [f"{w2[name][n]:.3f}" for n in TABLE_STEPS]
         if off is not None:
