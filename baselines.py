@@ -204,17 +204,19 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="i
     t = torch.cat([torch.minimum(a, b)[:n], a[n:]])
     d = torch.cat([(a - b).abs()[:n], torch.zeros(B - n, device=x1.device)])
     x_t = interpolate(x0, x1, t)
-    return Targets(x_t, t, d, y, meanflow_target(teacher or model, x_t, t, d, x1 - x0, y), n)
+    return Targets(x_t, t, d, y, meanflow_target(teacher or model, x_t, t, d, x1 - x0, y, clip), n)
 
 
-def meanflow_target(net, x_t, t, d, v, y=None):
+def meanflow_target(net, x_t, t, d, v, y=None, clip=None):
     """sg[v + d (v . grad_x s + d_t s - d_d s)] at (x_t, t, d): one forward-mode JVP of the
-    network with tangent (v, 1, -1). The fused attention kernels have no forward-mode rule,
-    so attention runs on the math kernel here."""
+    network with tangent (v, 1, -1), clipped to +-clip like the shortcut's bootstrap targets
+    (t enters the embedding scaled by 1000, so d_t s can be large early in training). The
+    fused attention kernels have no forward-mode rule, so attention runs on the math kernel."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, ds = torch.func.jvp(lambda x, t, d: net(x, t, d, y), (x_t, t, d),
                                (v, torch.ones_like(t), -torch.ones_like(d)))
-    return v + bcast(d, v) * ds
+    target = v + bcast(d, v) * ds
+    return target if clip is None else target.clamp(-clip, clip)
 
 
 ################################################################################
