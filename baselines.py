@@ -73,7 +73,7 @@ def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="
     x_t = cos(pi t/2) x0 + sin(pi t/2) x1, regressing its velocity
     dx_t/dt = (pi/2) (cos(pi t/2) x1 - sin(pi t/2) x0); the network is told d = 0."""
     check_batch(x1, y, clip)
-    x0, t = draw_noise(x1, pair), torch.rand(len(x1), device=x1.device)
+    x0, t = draw_noise(x1, pair, y), torch.rand(len(x1), device=x1.device)
     a, b = bcast(torch.cos(math.pi / 2 * t), x1), bcast(torch.sin(math.pi / 2 * t), x1)
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
 
@@ -89,7 +89,7 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=
     check_batch(x1, y, clip)
     k = consistency_level(progress if curriculum else 1.0)
     dt = 0.5 ** k
-    x0 = draw_noise(x1, pair)
+    x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) * 2 ** k) * dt
     t2 = t + dt
     with torch.no_grad():
@@ -133,7 +133,7 @@ def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t."""
     check_batch(x1, y, clip)
     h = 1.0 / MAX_STEPS
-    x0 = draw_noise(x1, pair)
+    x0 = draw_noise(x1, pair, y)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
     x_t, t2 = interpolate(x0, x1, t), t + h
     with torch.no_grad():
@@ -150,7 +150,7 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     a copy of the student (`new_stage`): the training loop does both. Told the stage's d."""
     check_batch(x1, y, clip)
     d = 0.5 ** (LEVELS - 1 - distillation_stage(progress))
-    x0 = draw_noise(x1, pair)
+    x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
     x_t, dd = interpolate(x0, x1, t), torch.full_like(t, d)
     with torch.no_grad():
@@ -199,7 +199,7 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="i
     in [0, 1]; sampled by the shortcut sampler."""
     check_batch(x1, y, clip)
     B, n = len(x1), round(meanflow_frac * len(x1))
-    x0 = draw_noise(x1, pair)
+    x0 = draw_noise(x1, pair, y)
     a, b = torch.rand(B, device=x1.device), torch.rand(B, device=x1.device)
     t = torch.cat([torch.minimum(a, b)[:n], a[n:]])
     d = torch.cat([(a - b).abs()[:n], torch.zeros(B - n, device=x1.device)])

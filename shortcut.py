@@ -348,7 +348,7 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
 
     # 1. Draw the queries: the big step 2d and its t for the self-consistency rows; for the
     #    flow-matching rows t ~ U[0, 1] and d = 0, which step_level maps to the finest level.
-    x0 = draw_noise(x1, pair)
+    x0 = draw_noise(x1, pair, y)
     draw = dyadic_steps if d_sampling == "dyadic" else uniform_steps
     t_sc, d2 = draw(n_sc, x1.device, LEVELS if grounded else LEVELS - 1)
     t = torch.cat([t_sc, torch.rand(B - n_sc, device=x1.device)])
@@ -416,16 +416,23 @@ def shortcut_loss(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=
                                            d_sampling=d_sampling))
 
 
-def draw_noise(x1, pair="independent"):
+def draw_noise(x1, pair="independent", y=None):
     """Noise x0 ~ N(0, I) for a batch of data x1. pair="ot" re-pairs it within the batch by
     the assignment that minimises the total squared distance |x1 - x0|^2 (minibatch optimal
-    transport, as in iSM): straighter paths, which fewer steps can follow."""
+    transport, as in iSM): straighter paths, which fewer steps can follow. With labels y the
+    assignment is made within each class, so that the noise does not carry another class's
+    position into a class-conditional model."""
     x0 = torch.randn_like(x1)
     if pair == "ot":
         from scipy.optimize import linear_sum_assignment      # scipy comes with scikit-learn
-        cost = torch.cdist(x1.flatten(1).float(), x0.flatten(1).float()).pow(2)
-        _, cols = linear_sum_assignment(cost.cpu().numpy())   # row i of x1 gets noise cols[i]
-        return x0[torch.as_tensor(cols, device=x0.device)]
+        groups = [torch.arange(len(x1), device=x1.device)] if y is None else \
+            [torch.nonzero(y == c).flatten() for c in torch.unique(y)]
+        paired = x0.clone()
+        for g in groups:
+            cost = torch.cdist(x1[g].flatten(1).float(), x0[g].flatten(1).float()).pow(2)
+            _, cols = linear_sum_assignment(cost.cpu().numpy())   # row i of x1 gets noise cols[i]
+            paired[g] = x0[g[torch.as_tensor(cols, device=x0.device)]]
+        return paired
     if pair != "independent":
         raise ValueError(f"pair must be 'independent' or 'ot', got {pair!r}")
     return x0
