@@ -94,7 +94,7 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=
     t2 = t + dt
     with torch.no_grad():
         x_t2 = interpolate(x0, x1, t2)
-        end = x_t2 + bcast(1 - t2, x1) * (teacher or model)(x_t2, t2, 1 - t2, y)
+        end = x_t2 + bcast(1 - t2, x1) * (model if teacher is None else teacher)(x_t2, t2, 1 - t2, y)
     x_t = interpolate(x0, x1, t)
     return Targets(x_t, t, 1 - t, y, (end - x_t) / bcast(1 - t, x1), len(x1))
 
@@ -116,7 +116,7 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair
     y_r = None if y is None else y[:n]
     x0 = torch.randn_like(x1[:n])
     with torch.no_grad():
-        x1_hat = sample(teacher or model, x0, LIVE_REFLOW_STEPS, y_r, flow=True)
+        x1_hat = sample(model if teacher is None else teacher, x0, LIVE_REFLOW_STEPS, y_r, flow=True)
     t = torch.rand(n, device=x1.device)
     return Targets(torch.cat([interpolate(x0, x1_hat, t), tg.x_t[n:]]), torch.cat([t, tg.t[n:]]),
                    torch.cat([torch.ones_like(t), tg.d[n:]]), y, torch.cat([x1_hat - x0, tg.target[n:]]), n)
@@ -204,7 +204,8 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="i
     t = torch.cat([torch.minimum(a, b)[:n], a[n:]])
     d = torch.cat([(a - b).abs()[:n], torch.zeros(B - n, device=x1.device)])
     x_t = interpolate(x0, x1, t)
-    return Targets(x_t, t, d, y, meanflow_target(teacher or model, x_t, t, d, x1 - x0, y, clip), n)
+    net = model if teacher is None else teacher
+    return Targets(x_t, t, d, y, meanflow_target(net, x_t, t, d, x1 - x0, y, clip), n)
 
 
 def meanflow_target(net, x_t, t, d, v, y=None, clip=None):

@@ -360,7 +360,7 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
     if n_sc:
         with torch.no_grad() if stop_grad else contextlib.nullcontext():    # sg[.] of eq. 5
             y_sc = None if y is None else y[:n_sc]
-            s_sc = two_jumps(teacher or model, x_t[:n_sc], t_sc, d2 / 2, y_sc, clip)
+            s_sc = two_jumps(model if teacher is None else teacher, x_t[:n_sc], t_sc, d2 / 2, y_sc, clip)
         target = torch.cat([s_sc.to(target.dtype), target[n_sc:]])
     return Targets(x_t, t, d, y, target, n_sc)
 
