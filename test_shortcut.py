@@ -646,7 +646,10 @@ def test_datasets_have_unit_scale(name):
 
 
 def test_toy_cli_rejects_bad_flags(tmp_path):
-    for flags in (["--bootstrap-frac", "2"], ["--dataset", "spiral"], ["--steps", "0"]):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for flags in (["--bootstrap-frac", "2"], ["--dataset", "spiral"], ["--steps", "0"],
+                  ["--lr", "nan"], ["--seed", "-1"], ["--out", str(a_file)]):
         with pytest.raises(SystemExit) as e:
             toy.parse_args(flags)
         assert e.value.code == 2, flags
@@ -1037,15 +1040,6 @@ def test_celeba_faults(tmp_path, monkeypatch, capsys):
     (tmp_path / "celeba64.npy").unlink()
     x, _ = ti.load_celeba(str(tmp_path))             # the decoded images survive a read-only folder
     assert x.shape == (1, 3, 64, 64) and "continuing without it" in capsys.readouterr().out
-
-
-def test_toy_cli_rejects_bad_values(tmp_path):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    for flags in (["--lr", "nan"], ["--seed", "-1"], ["--out", str(a_file)]):
-        with pytest.raises(SystemExit) as e:
-            toy.parse_args(flags)
-        assert e.value.code == 2, flags
 
 
 def test_library_errors_are_clear_value_errors():

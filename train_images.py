@@ -632,7 +632,7 @@ def evaluate(args, ema, data, judge=None):
     y = (torch.arange(n) % classes).to(device) if classes else None
     runs = [(name, objective(name).sample, N) for N in args.eval_steps]
     if name == "shortcut":
-        runs += [("velocity", functools.partial(sample, flow=True), N) for N in args.eval_steps if N < 128]
+        runs += [("velocity", objective("flow").sample, N) for N in args.eval_steps if N < 128]
     samples, t0, model = {}, time.time(), sampler_model(ema, args)
     for kind, sampler, N in runs:
         samples[f"{kind}_{N}"] = generate(sampler, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
