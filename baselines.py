@@ -36,6 +36,7 @@ Where these depart from the official builders (kvfrans/shortcut-models, targets_
 * Diffusion is the variance-preserving cosine path trained on its velocity and sampled by
   Euler on its probability-flow ODE (the reference notes' equivalent of the paper's row).
 """
+import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +46,7 @@ import torch
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from shortcut import (LEVELS, MAX_STEPS, Targets, bcast, check_batch, draw_noise, guided, interpolate, sample,
+from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, check_batch, draw_noise, guided, interpolate, sample,
                       shortcut_targets, step_sizes, two_jumps)
 
 REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair, as
@@ -56,29 +57,31 @@ LIVE_REFLOW_STEPS = 8    # live reflow makes its pairs with the model itself (of
 #                         One-phase objectives (from data)                     #
 ################################################################################
 
-def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent"):
+def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent"):
     """Flow matching (Lipman et al. 2023; Liu et al. 2023): s(x_t, t, 0) <- x1 - x0 with
     t ~ U[0, 1]; the network is told d = 0, the velocity."""
-    return shortcut_targets(model, x1, y, bootstrap_frac=0.0, clip=clip, pair=pair)
+    return shortcut_targets(model, x1, y, bootstrap_frac=0.0, pair=pair)
 
 
-def shortcut(model, x1, y=None, *, teacher=None, progress=0.0, **options):
-    """Shortcut models (Frans et al. 2025), eqs. 4-5: see shortcut.shortcut_targets, which
-    takes the options (bootstrap_frac, clip and the exercises' ablations)."""
-    return shortcut_targets(model, x1, y, teacher=teacher, **options)
+def shortcut(model, x1, y=None, *, teacher=None, progress=0.0, bootstrap_frac=0.25, clip=4.0, pair="independent",
+             grounded=True, stop_grad=True, d_sampling="dyadic"):
+    """Shortcut models (Frans et al. 2025), eqs. 4-5: shortcut.shortcut_targets, whose
+    options these are (bootstrap_frac, clip, pair and the exercises' ablations)."""
+    return shortcut_targets(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac, clip=clip, pair=pair,
+                            grounded=grounded, stop_grad=stop_grad, d_sampling=d_sampling)
 
 
-def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent"):
+def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent"):
     """A diffusion model on the variance-preserving cosine path (Nichol & Dhariwal 2021),
     x_t = cos(pi t/2) x0 + sin(pi t/2) x1, regressing its velocity
     dx_t/dt = (pi/2) (cos(pi t/2) x1 - sin(pi t/2) x0); the network is told d = 0."""
-    check_batch(x1, y, clip)
+    check_batch(x1, y)
     x0, t = draw_noise(x1, pair, y), torch.rand(len(x1), device=x1.device)
     a, b = bcast(torch.cos(math.pi / 2 * t), x1), bcast(torch.sin(math.pi / 2 * t), x1)
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
 
 
-def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent",
+def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent",
                          curriculum=True):
     """Consistency training (Song et al. 2023) as the official code builds it. A curriculum
     over training shrinks the step dt = 2^-k, k = floor(7 progress), from 1 to 1/64. With t on
@@ -86,7 +89,7 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=
     predicts the end point from x_t2: x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2). Target:
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t.
     curriculum=False (an exercise) uses the final dt = 1/64 from the first step."""
-    check_batch(x1, y, clip)
+    check_batch(x1, y)
     k = consistency_level(progress if curriculum else 1.0)
     dt = 0.5 ** k
     x0 = draw_noise(x1, pair, y)
@@ -101,15 +104,15 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, clip=
 
 def consistency_level(progress):
     """Consistency training's curriculum: the level k of its step dt = 2^-k at `progress`."""
-    return min(int(progress * LEVELS), LEVELS - 1)
+    return min(int(progress * BOOTSTRAP_LEVELS), BOOTSTRAP_LEVELS - 1)
 
 
-def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent", reflow_frac=1 / 8):
+def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", reflow_frac=1 / 8):
     """Live reflow (the paper's own one-phase alternative). A reflow_frac share of the rows:
     the model (or teacher) maps fresh noise x0 to x1_hat with 8 Euler steps of its velocity, and
     s(x_t, t, 1) <- sg[x1_hat - x0] at a random t on the line from x0 to x1_hat, told d = 1.
     The other rows are flow matching (paired by `pair`)."""
-    tg = flow_matching(model, x1, y, clip=clip, pair=pair)
+    tg = flow_matching(model, x1, y, pair=pair)
     n = round(reflow_frac * len(x1))
     if n == 0:
         return tg
@@ -126,12 +129,12 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair
 #                  Two-phase objectives (from a flow-matching teacher)         #
 ################################################################################
 
-def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
+def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen
     flow-matching teacher takes one Euler step of h = 1/128 from x_t to x_t2, the network
     predicts the end point from there, x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t."""
-    check_batch(x1, y, clip)
+    check_batch(x1, y)
     h = 1.0 / MAX_STEPS
     x0 = draw_noise(x1, pair, y)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
@@ -148,8 +151,8 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     of two teacher jumps of d/2 (eq. 5's construction, clipped): s(x_t, t, d) <- sg[two jumps].
     The student starts as the flow-matching teacher, and at each new stage the teacher becomes
     a copy of the student (`new_stage`): the training loop does both. Told the stage's d."""
-    check_batch(x1, y, clip)
-    d = 0.5 ** (LEVELS - 1 - distillation_stage(progress))
+    check_batch(x1, y)
+    d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - distillation_stage(progress))
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
     x_t, dd = interpolate(x0, x1, t), torch.full_like(t, d)
@@ -160,7 +163,7 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
 
 def distillation_stage(progress):
     """Progressive distillation's stage j = 0 .. 6 at `progress`."""
-    return min(int(progress * LEVELS), LEVELS - 1)
+    return min(int(progress * BOOTSTRAP_LEVELS), BOOTSTRAP_LEVELS - 1)
 
 
 def new_stage(name, progress, next_progress):
@@ -169,13 +172,13 @@ def new_stage(name, progress, next_progress):
     return name == "progressive-distillation" and distillation_stage(next_progress) != distillation_stage(progress)
 
 
-def reflow(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
+def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     """Reflow (Liu et al. 2023, rectified flow): the frozen flow-matching teacher maps fresh
     noise x0 to x1_hat = ODE(x0) (8 Euler steps), and a new model is flow-matched on the
     coupled pairs, s(x_t, t, 0) <- x1_hat - x0, whose straighter paths take fewer steps.
     The data batch x1 only sets the batch size: reflow sees data through its teacher, whose
     map is already its coupling, so pair="ot" has nothing to re-pair and is refused."""
-    check_batch(x1, y, clip)
+    check_batch(x1, y)
     if pair != "independent":
         raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
@@ -197,7 +200,7 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="i
     1 - meanflow_frac share of the rows has d = 0 (the target is then v: flow matching); in the
     rest, t and t + d are the smaller and larger of two uniforms, so t + d <= 1. Told d, any d
     in [0, 1]; sampled by the shortcut sampler."""
-    check_batch(x1, y, clip)
+    check_batch(x1, y)
     B, n = len(x1), round(meanflow_frac * len(x1))
     x0 = draw_noise(x1, pair, y)
     a, b = torch.rand(B, device=x1.device), torch.rand(B, device=x1.device)
@@ -282,6 +285,12 @@ def objective(name):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
+
+
+def options_of(name, settings):
+    """The entries of `settings` (a run's record, say) that the builder of `name` takes."""
+    taken = [p.name for p in inspect.signature(objective(name).targets).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    return {k: v for k, v in settings.items() if k in taken and k not in ("teacher", "progress")}
 
 
 def make_targets(name, model, x1, y=None, *, teacher=None, progress=0.0, **options):

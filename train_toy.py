@@ -1,41 +1,35 @@
 """Shortcut models on 2-D data: the paper's Figure 1 and Table 1 on a laptop CPU.
 
-    python train_toy.py                      # 8 Gaussians on a ring, writes out/toy/ (~45 s)
-    python train_toy.py --dataset moons --steps 6000
+    python train_toy.py                      # 8 Gaussians on a ring, writes out/toy/
+    python train_toy.py --seeds 3            # the same over 3 seeds: mean ± standard deviation
     python train_toy.py --objective consistency-training     # any objective of baselines.py
     python train_toy.py --table1             # every objective at one budget (< 3 minutes)
 
-Trains a model on --objective (default: shortcut) and a flow-matching baseline with the same
-network, budget and seed, then writes to --out:
-  samples.png      one row per model, one column per step count, plus the data
-  trajectories.png sample paths at 1, 4 and 128 steps (Euler samplers)
-  losses.png       the data rows' and the bootstrap rows' parts of the loss during training
-  exact.png        (Gaussian mixtures) the learned shortcut against the exact jump
-                   (Phi_{t->t+d}(x) - x)/d of the true flow map, for each d
-  samples.npz      data and NAME_N for N = 1 .. 128, from the same noise
-  metrics.json     per N: sliced Wasserstein-2 distance to fresh data (and data vs data)
-                   and, for mixtures, the share of samples more than 3 sigma from every mode
-  NAME.pt          the trained model, to sample again without training
---table1 writes table1.md, table1.png, table1.npz, table1.json and a checkpoint per objective.
-
-The ablation flags (--ungrounded, --no-stop-grad, --d-sampling, --ema-teacher, --no-curriculum,
---track-exact, --sweep) serve the exercises in docs/EXERCISES.md.
+Trains a model by --objective (default: shortcut) and a flow-matching baseline with the same
+network, budget and seed, samples both with 1 to 128 steps from the same noise, and writes to
+--out: toy.md (the measures), toy.json, toy.npz (the samples), toy.png (a row per model and a
+column per step count), trajectories.png, losses.png, exact.png (for a Gaussian mixture, the
+learned shortcut against the exact jump (Phi_{t->t+d}(x) - x)/d) and NAME.pt (each model with
+its record). --table1 and --sweep write table1.* and sweep.* instead.
 """
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import math
 import os
-import sys
-import tempfile
+import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import baselines as B
-from shortcut import MAX_STEPS, MLP, ema_update, pick_device, regress, sample, seed_everything, write_atomic
+from shortcut import (MAX_STEPS, MLP, Interrupted, Parser, TrainingDiverged, UserError, add_settings, as_count, as_positive,
+                      as_seed, as_share, checked, claim, cli, ema_update, pick_device, regress, sample, setting,
+                      stop_requests, write_atomic)
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -94,24 +88,6 @@ class GaussianMixture:
         return x
 
 
-class ExactShortcut(torch.nn.Module):
-    """The true shortcut (Phi_{t->t+d}(x) - x)/d of a GaussianMixture; the velocity at d=0.
-    Phi is RK4 on a grid of step h, whose discrete flow still composes exactly on that grid."""
-
-    def __init__(self, gm, h=1.0 / 1024):
-        super().__init__()
-        self.gm, self.h = gm, h
-
-    def forward(self, x, t, d, y=None):
-        out = torch.empty_like(x, dtype=torch.float64)
-        for dv in torch.unique(d).tolist():
-            rows = d == dv
-            xr, tr = x[rows], t[rows]
-            out[rows] = (self.gm.velocity(xr, tr) if dv == 0 else
-                         (self.gm.flow_map(xr, tr, dv, self.h) - xr.double()) / dv)
-        return out.to(x.dtype)
-
-
 def ring(n=8, radius=1.5, std=0.15):
     angles = 2 * np.pi * np.arange(n) / n
     means = radius * np.stack([np.cos(angles), np.sin(angles)], 1)
@@ -130,7 +106,7 @@ def skewed_mixture():
 
 
 ################################################################################
-#                                   Datasets                                   #
+#                             Datasets and measures                            #
 ################################################################################
 
 def sample_data(name, n, rng):
@@ -166,141 +142,13 @@ def sliced_w2(a, b, n_proj=512, seed=0):
     return float(np.sqrt(((pa - pb) ** 2).mean()))
 
 
-################################################################################
-#                                   Training                                   #
-################################################################################
-
-def train(label, data, args, device, *, objective="shortcut", bootstrap_frac=None, pair=None, teacher=None,
-          track=None):
-    """Trains one MLP on an objective of baselines.OBJECTIVES; returns it and its log (losses
-    per step, seconds, and the exact errors every --track-exact steps when `track` is given).
-    teacher: the flow-matching model of a two-phase objective; pair: noise-data pairing
-    (default --pair). The learning rate decays to 0, so the model itself is sampled;
-    --ema-teacher keeps an EMA only to build the targets."""
-    seed_everything(args.seed)
-    model = MLP(width=args.width, depth=args.depth).to(device)
-    if objective == "progressive-distillation":       # the student starts as its teacher, which then changes
-        model.load_state_dict(teacher.state_dict())
-        teacher = copy.deepcopy(teacher)
-    elif args.ema_teacher and not B.objective(objective).two_phase:
-        teacher = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / args.steps)))
-    options = {}
-    if objective == "shortcut":
-        options = dict(bootstrap_frac=args.bootstrap_frac if bootstrap_frac is None else bootstrap_frac,
-                       grounded=not args.ungrounded, stop_grad=not args.no_stop_grad, d_sampling=args.d_sampling)
-    elif objective == "consistency-training":
-        options = dict(curriculum=not args.no_curriculum)
-    if objective != "reflow":
-        options["pair"] = pair or args.pair
-    data = torch.as_tensor(data, device=device)
-    log = {"fm": [], "sc": [], "exact": {}}
-    t0 = last = time.time()
-    for step in range(args.steps):
-        x1 = data[torch.randint(len(data), (args.batch_size,), device=device)]
-        progress = step / args.steps
-        loss, info = regress(model, B.make_targets(objective, model, x1, teacher=teacher, progress=progress, **options))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if args.ema_teacher and teacher is not None and not B.objective(objective).two_phase:
-            ema_update(teacher, model, args.ema_decay)
-        if B.new_stage(objective, progress, (step + 1) / args.steps):
-            teacher.load_state_dict(model.state_dict())
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"{label}: the loss became {loss.item()} at step {step + 1}; try a lower --lr")
-        log["fm"].append(info["fm"])
-        log["sc"].append(info["sc"])
-        if track is not None and ((step + 1) % args.track_exact == 0 or step == 0):
-            log["exact"][step + 1] = track(model)
-        now = time.time()
-        if now - last > args.log_every or step + 1 == args.steps:
-            rate = (step + 1) / (now - t0)
-            print(f"  {label:24s} step {step + 1:6d}/{args.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
-                  f"  {rate:6.0f} it/s  ETA {(args.steps - step - 1) / rate:5.1f}s", flush=True)
-            last = now
-    log["seconds"] = time.time() - t0
-    return model.eval(), log
-
-
-def save_model(path, model, objective, seconds, args):
-    """A toy checkpoint: enough to sample and plot again without training (--reuse)."""
-    state = {"objective": objective, "width": args.width, "depth": args.depth, "steps": args.steps,
-             "seed": args.seed, "dataset": args.dataset, "seconds": seconds, "model": model.state_dict()}
-    write_atomic(path, lambda f: torch.save(state, f))
-
-
-def load_model(path, args, objective=None):
-    """The MLP of a toy checkpoint, or None if it is missing or was trained with other settings."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = MLP(width=state["width"], depth=state["depth"])
-        model.load_state_dict(state["model"])
-    except Exception as e:
-        raise SystemExit(f"train_toy.py: error: {path} is not a toy checkpoint ({type(e).__name__}: {e})") from None
-    same = (state["width"], state["depth"], state["steps"], state["seed"], state["dataset"]) == \
-        (args.width, args.depth, args.steps, args.seed, args.dataset)
-    if objective is not None and not (same and state["objective"] == objective):
-        return None
-    return model.eval(), state["seconds"]
-
-
-################################################################################
-#                                   Figures                                    #
-################################################################################
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-def save_json(path, obj):
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-def plot_samples(path, data, samples, counts, off=None):
-    import matplotlib.pyplot as plt
-    rows = list(samples)
-    fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.2 * (len(counts) + 1), 2.3 * len(rows)),
-                             squeeze=False)
-    lim = np.abs(data).max() * 1.15
-    for r, model in enumerate(rows):
-        for c, n in enumerate(counts + ["data"]):
-            ax = axes[r, c]
-            pts = data if n == "data" else samples[model][n]
-            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="k" if n == "data" else f"C{r}")
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
-            title = "data" if n == "data" else f"{n} step{'s' * (n > 1)}" if r == 0 else ""
-            if off is not None:      # the share of points more than 3 sigma from every mode
-                title += f"\n{100 * (off['data'] if n == 'data' else off[model][n]):.1f}% off-mode"
-            ax.set_title(title, fontsize=9)
-        axes[r, 0].set_ylabel(model)
-    save_figure(fig, path)
-
-
-def plot_trajectories(path, data, trajectories, counts, n_paths=250):
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
-    rows = list(trajectories)
-    fig, axes = plt.subplots(len(rows), len(counts), figsize=(3 * len(counts), 3 * len(rows)), squeeze=False)
-    lim = max(np.abs(data).max() * 1.3, 3.0)     # wide enough to show where the noise starts
-    for r, model in enumerate(rows):
-        for c, n in enumerate(counts):
-            ax = axes[r, c]
-            traj = trajectories[model][n][:, :n_paths]                  # (N+1, n_paths, 2)
-            ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="0.8")
-            ax.add_collection(LineCollection(traj.transpose(1, 0, 2), lw=0.5, alpha=0.5, color=f"C{r}"))
-            ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="k", zorder=3)
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal",
-                   title=f"{model}, {n} step{'s' * (n > 1)}")
-    save_figure(fig, path)
+def off_mode_fraction(x, gm, k=3.0):
+    """The share of points more than k sigma (in Mahalanobis distance) from every component of
+    a mixture: the smear between modes that sliced W2 hardly sees. In 2-D, fresh data scores
+    exp(-k^2/2), 1.1% for k = 3. A non-finite point is off every mode."""
+    r = torch.as_tensor(np.asarray(x), dtype=torch.float64)[:, None] - gm.mu          # (n, K, D)
+    r_u = (r[..., None, :] @ gm.U)[..., 0, :]                                         # U^T r
+    return float((~((r_u ** 2 / gm.lam).sum(-1).min(1).values <= k * k)).double().mean())
 
 
 @functools.lru_cache(maxsize=None)
@@ -340,6 +188,227 @@ def exact_errors(model, path, told="step"):
         pred = model(x_t.float(), t.float(), query.float())
         errors[n_steps] = float((pred.double() - exact).pow(2).sum(1).mean().sqrt())
     return errors
+
+
+def evaluate(models, x0, data, data_b, gm, path, seed=0):
+    """Samples of each model (name -> (objective, model)) at every N from the same noise x0, each
+    by its objective's sampler with its fresh noise seeded alike, and their measures at every N:
+    sliced W2 to fresh data and, for mixtures, the off-mode share and the RMS error of s against
+    the exact jump (None for diffusion, whose cosine path has another flow map)."""
+    samples = {}
+    for name, (obj, model) in models.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            samples[name] = {n: B.objective(obj).sample(model, x0, n).numpy() for n in STEP_COUNTS}
+        bad = {n: int((~np.isfinite(x).all(1)).sum()) for n, x in samples[name].items()}
+        if any(bad.values()):
+            print(f"note: {name} gave non-finite samples, counted as off-mode: "
+                  + ", ".join(f"{k} of {len(x0)} at {n} steps" for n, k in bad.items() if k))
+    measures = {"sliced_w2": (lambda x: sliced_w2(x, data), sliced_w2(data_b, data))}
+    if gm is not None:
+        measures["off_mode"] = (lambda x: off_mode_fraction(x, gm), off_mode_fraction(data_b, gm))
+    metrics = {key: {"data": ref, **{name: {n: f(x) for n, x in per_n.items()} for name, per_n in samples.items()}}
+               for key, (f, ref) in measures.items()}
+    if gm is not None:
+        metrics["exact_error"] = {name: None if obj == "diffusion" else exact_errors(model, path, B.objective(obj).told)
+                                  for name, (obj, model) in models.items()}
+    return samples, metrics
+
+
+################################################################################
+#                           The run record and training                        #
+################################################################################
+
+@dataclass(frozen=True)
+class Run:
+    """Every setting that defines a toy model, each with its flag. A model's checkpoint holds its
+    record, so that --reuse reloads a model only when the whole record matches; a two-phase
+    model holds the record of its teacher too."""
+    dataset: str = setting("ring", "2-D data: ring (8 Gaussians, default), mixture (4 skewed Gaussians), moons, "
+                           "swissroll or checkerboard", choices=DATASETS)
+    objective: str = setting("shortcut", "what the model trains on (default: shortcut), see baselines.py; the "
+                             "two-phase objectives learn from a flow-matching teacher, trained first or --teacher",
+                             choices=list(B.OBJECTIVES))
+    pair: str = setting("independent", "how noise and data are paired in a batch: independently (default) or by "
+                        "minibatch optimal transport (not for reflow, paired by its teacher)",
+                        choices=["independent", "ot"])
+    width: int = setting(128, "MLP width (default: 128)", type=as_count)
+    depth: int = setting(3, "MLP residual blocks (default: 3)", type=as_count)
+    steps: int = setting(None, "training steps per model (default: 3000; 1200 with --table1)", type=as_count)
+    batch_size: int = setting(256, "batch size (default: 256)", type=as_count)
+    lr: float = setting(2e-3, "peak AdamW learning rate, cosine decay (default: 2e-3)", type=as_positive)
+    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets (default: 0.25)",
+                                    type=as_share)
+    seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)", type=as_seed)
+    grounded: bool = setting(True, "exercise 3: drop the 2d = 1/64 targets, so the level d = 1/64 is never "
+                             "supervised", flag="--ungrounded", action="store_false")
+    stop_grad: bool = setting(True, "exercise 4: let gradients flow through the targets", flag="--no-stop-grad",
+                              action="store_false")
+    d_sampling: str = setting("dyadic", "exercise 6: dyadic, 2d in {1, ..., 1/64} and t on its grid (default); "
+                              "uniform, 2d ~ U[1/64, 1] and any t", choices=["dyadic", "uniform"])
+    ema_teacher: bool = setting(False, "exercise 8: build the targets with an EMA copy (the official default)")
+    ema_decay: float = setting(0.999, "the decay of --ema-teacher (default: 0.999)",
+                               type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
+    curriculum: bool = setting(True, "exercise 10: consistency training with the final step 1/64 from the start",
+                               flag="--no-curriculum", action="store_false")
+    teacher: "Run | None" = None
+
+    @staticmethod
+    def load(record):
+        return Run(**{**record, "teacher": record["teacher"] and Run.load(record["teacher"])})
+
+
+def record(args, **changes):
+    """The Run of the flags, with some fields changed (a Table 1 row's objective, say)."""
+    return Run(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"},
+                  **changes})
+
+
+def train(run, data, device, teacher=None, track=None, log_every=3.0, stop=(), label=None):
+    """Trains one MLP by its record; returns it and its log (losses per step, seconds, and the
+    exact errors every --track-exact steps when `track` is given). teacher: the flow-matching
+    model of a two-phase objective. The learning rate decays to 0, so the model itself is
+    sampled; --ema-teacher keeps an EMA only to build the targets."""
+    torch.manual_seed(run.seed)
+    label, two_phase = label or run.objective, B.objective(run.objective).two_phase
+    model = MLP(width=run.width, depth=run.depth).to(device)
+    if run.objective == "progressive-distillation":       # the student starts as its teacher, which then changes
+        model.load_state_dict(teacher.state_dict())
+        teacher = copy.deepcopy(teacher)
+    elif run.ema_teacher and not two_phase:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / run.steps)))
+    options = B.options_of(run.objective, dataclasses.asdict(run))
+    data = torch.as_tensor(data, device=device)
+    log = {"fm": [], "sc": [], "exact": {}}
+    t0 = last = time.time()
+    for step in range(run.steps):
+        x1 = data[torch.randint(len(data), (run.batch_size,), device=device)]
+        progress = step / run.steps
+        loss, info = regress(model, B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress,
+                                                   **options))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if run.ema_teacher and not two_phase:
+            ema_update(teacher, model, run.ema_decay)
+        if B.new_stage(run.objective, progress, (step + 1) / run.steps):
+            teacher.load_state_dict(model.state_dict())
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(f"{label}: the loss became {loss.item()} at step {step + 1}; lower --lr")
+        log["fm"].append(info["fm"])
+        log["sc"].append(info["sc"])
+        if track is not None and ((step + 1) % track[0] == 0 or step == 0):
+            log["exact"][step + 1] = track[1](model)
+        now = time.time()
+        if now - last > log_every or step + 1 == run.steps:
+            rate = (step + 1) / (now - t0)
+            print(f"  {label:24s} step {step + 1:6d}/{run.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
+                  f"  {rate:6.0f} it/s  ETA {(run.steps - step - 1) / rate:5.1f}s", flush=True)
+            last = now
+        if stop:
+            raise Interrupted(f"{stop[0]}: stopped {label} at step {step + 1}; the models trained before it are "
+                              "saved in --out, and --reuse reloads them", stop[0])
+    log["seconds"] = time.time() - t0
+    return model.eval(), log
+
+
+def save_model(path, run, model, seconds):
+    state = {"run": dataclasses.asdict(run), "model": model.state_dict(), "seconds": seconds}
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_model(path):
+    """(record, model, training seconds) of a toy checkpoint; UserError unless it is one, with
+    finite weights."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        run = Run.load(state["run"])
+        model = MLP(width=run.width, depth=run.depth)
+        model.load_state_dict(state["model"])
+        seconds = float(state["seconds"])
+    except Exception as e:
+        raise UserError(f"{path} is not a toy checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not all(torch.isfinite(v).all() for v in state["model"].values()):
+        raise UserError(f"{path} holds non-finite weights")
+    return run, model.eval(), seconds
+
+
+def obtain(args, run, name, train_data, teacher=None, track=None):
+    """The model of record `run`: with --reuse, --out/NAME.pt when it holds that same record,
+    else trained and saved there. Returns the model and its training log (None if reloaded)."""
+    path = os.path.join(args.out, f"{name}.pt")
+    if args.reuse and os.path.isfile(path):
+        try:
+            saved, model, seconds = load_model(path)
+            if saved == run:
+                return model, {"seconds": seconds, "reused": True}
+            print(f"  {path} was trained with other settings: training {name} again")
+        except UserError as e:
+            print(f"  cannot reuse it ({e}): training {name} again")
+    model, log = train(run, train_data, args.device, teacher, track, args.log_every, args.stop, name)
+    save_model(path, run, model, log["seconds"])
+    return model, log
+
+
+def flow_teacher(args, base, train_data, seed):
+    """The flow-matching teacher of the two-phase objectives, as (record, model, log): --teacher,
+    checked to be a flow model of the same data and network, or trained now (flow.pt)."""
+    if args.teacher is None:
+        run = dataclasses.replace(base, objective="flow", pair="independent")
+        return (run, *obtain(args, run, "flow" + f"_seed{seed}" * (seed != args.seed), train_data))
+    run, model, seconds = load_model(args.teacher)
+    if run.objective != "flow" or (run.dataset, run.width, run.depth) != (args.dataset, args.width, args.depth):
+        raise UserError(f"--teacher {args.teacher} must be a flow-matching model of {args.dataset} with an MLP "
+                        f"{args.width}x{args.depth}; its record says {run.objective} on {run.dataset}, "
+                        f"{run.width}x{run.depth}")
+    return run, model, {"seconds": seconds}
+
+
+################################################################################
+#                                   Figures                                    #
+################################################################################
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def save_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def plot_samples(path, data, samples, counts, off=None, paths=None):
+    """A row per model and a column per step count, over the data in grey: the samples, or with
+    `paths` (N+1, n, 2) their first 250 paths from the noise; the last column is the data alone."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    rows = list(samples)
+    fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.3 * (len(counts) + 1), 2.3 * len(rows)),
+                             squeeze=False)
+    lim = np.abs(data).max() * 1.15 if paths is None else 3.0       # wide enough to show where the noise starts
+    for r, model in enumerate(rows):
+        for c, n in enumerate(counts + ["data"]):
+            ax, color = axes[r, c], f"C{r % 10}"
+            ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="k" if n == "data" else "0.85")
+            if n != "data" and paths is not None:
+                ax.add_collection(LineCollection(paths[model][n][:, :250].transpose(1, 0, 2), lw=0.5, alpha=0.5,
+                                                 color=color))
+            if n != "data":
+                ax.scatter(*samples[model][n][:2000 if paths is None else 250].T, s=1, alpha=0.4,
+                           color=color if paths is None else "k")
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+            title = "" if r else "data" if n == "data" else f"{n} step{'s' * (n > 1)}"
+            if off is not None:      # the share of points more than 3 sigma from every mode
+                title += chr(10) * bool(title) + f"{off['data'] if n == 'data' else off[model][n]:.1%} off-mode"
+            ax.set_title(title, fontsize=8)
+        axes[r, 0].set_ylabel(model, fontsize=8)
+    save_figure(fig, path)
 
 
 def plot_exact(path, errors, models, one_step, n_points=300):
@@ -407,340 +476,171 @@ def plot_exact_training(path, history):
 ################################################################################
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="ring", choices=DATASETS,
-                   help="2-D data: ring (8 Gaussians), mixture (4 skewed Gaussians), moons, "
-                        "swissroll, checkerboard (default: ring)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps per model (default: 3000; 1200 with --table1, to fit 3 minutes)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default: 2e-3)")
-    p.add_argument("--bootstrap-frac", type=float, default=0.25,
-                   help="share of each batch with self-consistency targets for the shortcut model (default: 0.25)")
-    p.add_argument("--width", type=int, default=128, help="MLP width (default: 128)")
-    p.add_argument("--depth", type=int, default=3, help="MLP residual blocks (default: 3)")
-    p.add_argument("--n-samples", type=int, default=None,
-                   help="samples per step count (default: 4000; 3000 with --table1, to fit 3 minutes)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, noise and weights (default: 0)")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu; the toy is too small to gain from a GPU)")
-    p.add_argument("--out", default="out/toy", help="output folder (default: out/toy)")
-    p.add_argument("--objective", default="shortcut", choices=list(B.OBJECTIVES),
-                   help="what the first model trains on (default: shortcut); see baselines.py. The two-phase "
-                        "ones (consistency-distillation, progressive-distillation, reflow) first train a "
-                        "flow-matching teacher, or load --teacher")
-    p.add_argument("--teacher", metavar="PATH", help="a toy checkpoint of a flow-matching model (such as "
-                   "out/toy/flow.pt) to teach a two-phase objective, instead of training one")
-    p.add_argument("--pair", default="independent", choices=["independent", "ot"],
-                   help="how noise and data are paired in a batch: independently (default) or by minibatch "
-                        "optimal transport, which straightens the paths (not for reflow, paired by its teacher)")
-    p.add_argument("--no-baseline", action="store_true",
-                   help="do not train the flow-matching baseline beside the model (faster ablations)")
-    p.add_argument("--table1", action="store_true",
-                   help="train every objective of the paper's Table 1 at one budget and seed, with one shared "
-                        "flow-matching teacher; writes table1.md, table1.png, table1.npz and a checkpoint each")
-    p.add_argument("--reuse", action="store_true",
-                   help="with --table1: load the checkpoints of an earlier run with the same settings from --out "
-                        "instead of training again")
-    p.add_argument("--log-every", type=float, default=3.0, help="seconds between progress lines (default: 3)")
-    e = p.add_argument_group("ablations for the exercises (docs/EXERCISES.md); the defaults are the method")
-    e.add_argument("--ungrounded", action="store_true",
-                   help="drop the 2d = 1/64 targets, so the level d = 1/64 is never supervised")
-    e.add_argument("--no-stop-grad", action="store_true", help="let gradients flow through the targets")
-    e.add_argument("--d-sampling", default="dyadic", choices=["dyadic", "uniform"],
-                   help="dyadic: 2d in {1, ..., 1/64}, t on its grid (default); uniform: 2d ~ U[1/64, 1], any t")
-    e.add_argument("--ema-teacher", action="store_true",
-                   help="build the targets with an EMA copy (the official default) instead of the model itself")
-    e.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of --ema-teacher (default: 0.999)")
-    e.add_argument("--no-curriculum", action="store_true",
-                   help="--objective consistency-training: the final step dt = 1/64 from the first step on")
-    e.add_argument("--track-exact", type=int, default=0, metavar="K",
-                   help="every K steps, measure the shortcut's error against the exact flow (mixtures) "
-                        "and draw exact_training.png")
-    e.add_argument("--sweep", choices=["bootstrap-frac"],
-                   help="train shortcut models at bootstrap fractions 1/16, 1/8, 1/4, 1/2 and draw "
-                        "sweep_bootstrap_frac.png instead of the usual run")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings(p, Run)
+    a = p.add_argument
+    a("--seeds", type=as_count, default=1, help="train every model with the seeds --seed, --seed + 1, ... and report "
+      "the mean and the standard deviation of each measure over them (default: 1)")
+    a("--teacher", metavar="PATH", help="a toy checkpoint of a flow-matching model of the same data and network "
+      "(such as out/toy/flow.pt) to teach the two-phase objectives and stand as the flow row")
+    a("--no-baseline", action="store_true", help="do not train the flow-matching baseline beside the model")
+    a("--table1", action="store_true", help="train every objective of the paper's Table 1 instead, with one shared "
+      "flow-matching teacher; writes table1.md, .json, .npz and .png")
+    a("--sweep", choices=["bootstrap-frac"], help="exercise 5: train shortcut models at bootstrap fractions 1/16, "
+      "1/8, 1/4 and 1/2 instead; writes sweep.md, .json, .npz and .png")
+    a("--reuse", action="store_true", help="reload each model from its checkpoint in --out instead of training it, "
+      "when the checkpoint's record matches the flags")
+    a("--track-exact", type=as_count, metavar="K", help="exercise 7: every K steps, measure the model's error "
+      "against the exact flow (mixtures) and draw exact_training.png")
+    a("--n-samples", type=as_count, help="samples per step count (default: 4000; 3000 with --table1)")
+    a("--out", default="out/toy", help="output folder (default: out/toy)")
+    a("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu: the toy is too small to gain from a GPU)")
+    a("--log-every", type=float, default=3.0, help="seconds between progress lines (default: 3)")
     args = p.parse_args(argv)
-    if args.steps is None:
-        args.steps = 1200 if args.table1 else 3000
-    if args.n_samples is None:
-        args.n_samples = 3000 if args.table1 else 4000
+    args.steps = args.steps or (1200 if args.table1 else 3000)
+    args.n_samples = args.n_samples or (3000 if args.table1 else 4000)
     if args.pair == "ot" and args.objective == "reflow":
         p.error("--pair ot does not apply to reflow, whose pairs come from its teacher")
-    for flag in ("steps", "batch_size", "n_samples", "width", "depth"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not 0.0 <= args.bootstrap_frac <= 1.0:
-        p.error("--bootstrap-frac must be in [0, 1]")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr must be a finite number above 0, got {args.lr}")
-    if not 0 <= args.seed < 2 ** 32:
-        p.error(f"--seed must be in [0, 2^32), got {args.seed}")
-    if not 0 <= args.ema_decay < 1:
-        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if not args.out or os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out!r} must name a folder, not a file")
     try:
         args.device = pick_device(args.device)
-    except ValueError as e:
-        p.error(f"--device: {e}")
+    except ValueError as err:
+        p.error(f"--device: {err}")
     return args
 
 
-def sample_all(models, x0, counts=STEP_COUNTS):
-    """Samples of each model (name -> (objective, model)) for every N, from the same noise x0,
-    each by its objective's sampler."""
-    return {name: {n: B.objective(obj).sample(model, x0, n).numpy() for n in counts}
-            for name, (obj, model) in models.items()}
-
-
-def trajectories_of(models, x0, counts):
-    """Sample paths of the models whose objective samples by Euler (shortcut.sample)."""
-    return {name: {n: sample(model, x0, n, flow=B.objective(obj).told == "0", trajectory=True)[1].numpy()
-                   for n in counts}
-            for name, (obj, model) in models.items() if B.objective(obj).told != "1 - t"}
-
-
-def evaluate(models, x0, data, data_b, gm, path, counts=STEP_COUNTS):
-    """Samples and the metrics of each model: sliced W2 and (mixtures) the off-mode fraction
-    per N, and the RMS error of its one-step jump against the exact flow map."""
-    samples = sample_all(models, x0, counts)
-    metrics = {"sliced_w2": {"data vs data": sliced_w2(data, data_b)}}
-    metrics["sliced_w2"].update({name: {n: sliced_w2(samples[name][n], data) for n in counts} for name in models})
-    if gm is not None:
-        metrics["off_mode"] = {"data": off_mode_fraction(data_b, gm)}
-        metrics["off_mode"].update({name: {n: off_mode_fraction(samples[name][n], gm) for n in counts}
-                                    for name in models})
-        metrics["jump_error"] = {name: jump_error(model, obj, path) for name, (obj, model) in models.items()}
-    return samples, metrics
-
-
-def off_mode_fraction(x, gm, k=3.0):
-    """The share of points more than k sigma (in Mahalanobis distance) from every component of
-    a mixture: the smear between modes that sliced W2 hardly sees. In 2-D, fresh data scores
-    exp(-k^2/2), 1.1% for k = 3."""
-    r = torch.as_tensor(np.asarray(x), dtype=torch.float64)[:, None] - gm.mu          # (n, K, D)
-    r_u = (r[..., None, :] @ gm.U)[..., 0, :]                                         # U^T r
-    return float(((r_u ** 2 / gm.lam).sum(-1).min(1).values > k * k).double().mean())
-
-
-@torch.no_grad()
-def jump_error(model, objective, path):
-    """RMS error of the one-step jump x0 + s(x0, 0, d) against the exact Phi_{0->1}(x0), with d as
-    the objective tells it (0 for a velocity: one Euler step). None for diffusion, whose
-    cosine path has another flow map."""
-    if objective == "diffusion":
-        return None
-    x0, x1 = path[0].float(), path[-1]
-    d = torch.full((len(x0),), 0.0 if B.objective(objective).told == "0" else 1.0)
-    return float((x0.double() + model(x0, torch.zeros(len(x0)), d).double() - x1).pow(2).sum(1).mean().sqrt())
-
-
-def sweep(args, train_data, data, x0):
-    """Exercise 5: the 1-step and 128-step distance against the bootstrap fraction."""
-    import matplotlib.pyplot as plt
-    fracs = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
-    dist = {}
-    for frac in fracs:
-        model, _ = train(f"frac {frac:g}", train_data, args, args.device, bootstrap_frac=frac)
-        dist[frac] = {n: sliced_w2(sample(model.cpu(), x0, n).numpy(), data) for n in (1, 128)}
-    print("\nbootstrap fraction   SW2, 1 step   SW2, 128 steps")
-    for frac in fracs:
-        print(f"  {frac:16.4f}  {dist[frac][1]:12.4f}  {dist[frac][128]:14.4f}")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n in (1, 128):
-        ax.plot(fracs, [dist[f][n] for f in fracs], "o-", label=f"{n} step{'s' * (n > 1)}")
-    ax.axhline(sliced_w2(data, sample_data(args.dataset, len(data), np.random.default_rng(args.seed + 7))),
-               color="0.6", ls="--", label="data vs data")
-    ax.set(xscale="log", xlabel="bootstrap fraction", ylabel="sliced W2 to data", title="sweep of bootstrap_frac")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.set_xticks(fracs, ["1/16", "1/8", "1/4", "1/2"])
-    ax.legend()
-    save_figure(fig, os.path.join(args.out, "sweep_bootstrap_frac.png"))
-    save_json(os.path.join(args.out, "sweep.json"), {str(k): v for k, v in dist.items()})
-    return dist
-
-
-def teacher_for(args, train_data):
-    """The flow-matching teacher of the two-phase objectives: --teacher, or trained now (and
-    saved as flow.pt). Returns (model, seconds it took to train)."""
-    if args.teacher:
-        loaded = load_model(args.teacher, args)
-        if loaded is None:
-            raise SystemExit(f"train_toy.py: error: no toy checkpoint at {args.teacher}")
-        return loaded
-    model, log = train("flow (teacher)", train_data, args, args.device, objective="flow")
-    save_model(os.path.join(args.out, "flow.pt"), model, "flow", log["seconds"], args)
-    return model, log["seconds"]
-
-
-TABLE_STEPS = [1, 4, 128]
-# (row, objective, pairing): every objective of baselines.py, and the shortcut model with
-# minibatch optimal-transport pairing
-TABLE_ROWS = [(name, name, "independent") for name in B.OBJECTIVES] + [("shortcut + OT", "shortcut", "ot")]
-
-
-def table1(args, train_data, data, data_b, x0, gm, path, start):
-    """The paper's Table 1 in miniature: every objective at --steps steps of batch --batch-size
-    and the same seed; the two-phase ones learn from the shared flow-matching teacher, the
-    `flow` row itself, whose steps they also cost. start: when the run began, for its wall time."""
-    models, seconds = {}, {}
-    for row, name, pair in TABLE_ROWS:
-        ckpt = os.path.join(args.out, f"{file_name(row)}.pt")
-        loaded = load_model(ckpt, args, row) if args.reuse else None
-        if loaded is None and row == "flow" and args.teacher:
-            loaded = load_model(args.teacher, args)
-        if loaded is None:
-            teacher = models["flow"][1] if B.objective(name).two_phase else None
-            model, log = train(row, train_data, args, args.device, objective=name, pair=pair, teacher=teacher)
-            loaded = (model, log["seconds"])
-            save_model(ckpt, model, row, log["seconds"], args)
-        models[row], seconds[row] = (name, loaded[0]), loaded[1]
-    samples, metrics = evaluate(models, x0, data, data_b, gm, path, counts=[1, 2, 4, 8, 128])
-    budget = {row: f"{args.steps} + {args.steps} teacher" if B.objective(name).two_phase else str(args.steps)
-              for row, (name, _) in models.items()}
-    metrics.update(train_seconds=seconds, budget_steps=budget, batch_size=args.batch_size)
-    metrics["wall_seconds"] = round(time.time() - start, 1)
-    md = table1_markdown(metrics, seconds, budget, args)
-    print("\n" + md)
-    write_atomic(os.path.join(args.out, "table1.md"), lambda f: f.write(md.encode()))
-    save_json(os.path.join(args.out, "table1.json"), metrics)
-    arrays = {"data": data, **{f"{file_name(row)}_{n}": samples[row][n] for row in models for n in (1, 2, 4, 8, 128)}}
-    write_atomic(os.path.join(args.out, "table1.npz"), lambda f: np.savez_compressed(f, **arrays))
-    plot_table1(os.path.join(args.out, "table1.png"), data, samples, metrics)
-    print(f"\ntable 1 done in {time.time() - start:.1f}s (sampling and plots included); wrote table1.md, table1.png, table1.npz, table1.json "
-          f"and a checkpoint per objective to {args.out}")
-    return metrics
-
-
-def file_name(row):
-    """A table row's name as a file or key name: 'shortcut + OT' -> 'shortcut_OT'."""
-    return row.replace(" + ", "_")
-
-
-def table1_markdown(metrics, seconds, budget, args):
-    off, w2 = metrics.get("off_mode"), metrics["sliced_w2"]
-    head = (f"Table 1 in miniature: {args.dataset}, MLP {args.width}x{args.depth}, batch {args.batch_size}, seed "
-            f"{args.seed}. Steps: training steps (two-phase: plus the flow row's steps as teacher).\n\n")
-    cols = [f"off-mode {n}" for n in TABLE_STEPS] * (off is not None) + [f"SW2 {n}" for n in TABLE_STEPS]
-    cols += ["jump error"] * (off is not None) + ["steps", "train s"]
-    lines = ["| objective | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name in budget:
-        row = [f"{100 * off[name][n]:.1f}%" for n in TABLE_STEPS] if off is not None else []
-        row += [f"{w2[name][n]:.3f}" for n in TABLE_STEPS]
-        if off is not None:
-            err = metrics["jump_error"][name]
-            row.append("n/a" if err is None else f"{err:.3f}")
-        lines.append(f"| {name} | " + " | ".join(row + [budget[name], f"{seconds[name]:.1f}"]) + " |")
-    ref = ([f"{100 * off['data']:.1f}%"] * 3 if off is not None else []) + [f"{w2['data vs data']:.3f}"] * 3
-    lines.append("| data vs data | " + " | ".join(ref + ["0.000"] * (off is not None) + ["", ""]) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def plot_table1(path, data, samples, metrics):
-    import matplotlib.pyplot as plt
-    names = list(samples)
-    fig, axes = plt.subplots(len(names), len(TABLE_STEPS), figsize=(2.2 * len(TABLE_STEPS), 2.2 * len(names)),
-                             squeeze=False)
-    lim = np.abs(data).max() * 1.15
-    for r, name in enumerate(names):
-        for c, n in enumerate(TABLE_STEPS):
-            ax = axes[r, c]
-            ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="0.85")
-            ax.scatter(samples[name][n][:, 0], samples[name][n][:, 1], s=1, alpha=0.4, color=f"C{r % 10}")
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
-            if "off_mode" in metrics:
-                ax.set_title(f"{n} step{'s' * (n > 1)}: {100 * metrics['off_mode'][name][n]:.1f}% off", fontsize=8)
-            elif r == 0:
-                ax.set_title(f"{n} step{'s' * (n > 1)}", fontsize=8)
-        axes[r, 0].set_ylabel(name, fontsize=8)
-    save_figure(fig, path)
+FLOW = dict(objective="flow", pair="independent")
+TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [("shortcut + OT", dict(objective="shortcut",
+                                                                                             pair="ot"))]
+SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) for n in (16, 8, 4, 2)]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    with tempfile.TemporaryFile(dir=args.out):     # fail now, not after training, if it is read-only
-        pass
-    start = time.time()
-    rng = np.random.default_rng(args.seed)
-    train_data = sample_data(args.dataset, 100_000, rng)
-    data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
-    x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(args.seed + 1))
-    print(f"training on {args.dataset}: {args.steps} steps, batch {args.batch_size}, device {args.device}")
-    if args.sweep:
-        return sweep(args, train_data, data, x0)
+    if args.table1 or args.sweep:
+        stem, rows, counts = ("table1", TABLE1, [1, 4, 128]) if args.table1 else ("sweep", SWEEP, [1, 4, 128])
+    else:
+        baseline = B.objective(args.objective).two_phase or not args.no_baseline and args.objective != "flow"
+        stem, rows, counts = "toy", [(args.objective, {})] + [("flow", FLOW)] * baseline, [1, 2, 4, 8, 128]
+    with claim(args.out), stop_requests() as args.stop:
+        return compare(args, stem, rows, counts)
+
+
+def compare(args, stem, rows, counts):
+    """Trains (with --reuse: reloads) the model of every row for each seed, measures them all,
+    and writes STEM.md (the tables), STEM.json, STEM.npz and STEM.png (the first seed's samples
+    at `counts` steps); the usual run, stem 'toy', also draws the figures of its models."""
+    start, seeds = time.time(), range(args.seed, args.seed + args.seeds)
     gm = MIXTURES[args.dataset]() if args.dataset in MIXTURES else None
     path = mixture_paths(args.dataset) if gm is not None else None
-    if args.table1:
-        return table1(args, train_data, data, data_b, x0, gm, path, start)
-
-    track = (lambda m: exact_errors(m, path)) if args.track_exact and path is not None else None
     if args.track_exact and path is None:
         print("--track-exact needs a Gaussian mixture (--dataset ring or mixture): skipped")
-    name = args.objective
-    teacher = teacher_for(args, train_data)[0] if B.objective(name).two_phase else None
-    model, log = train(name, train_data, args, args.device, objective=name, teacher=teacher, track=track)
-    save_model(os.path.join(args.out, f"{name}.pt"), model, name, log["seconds"], args)
-    models, logs = {name: (name, model.cpu())}, {name: log}
-    if not args.no_baseline and name != "flow":
-        if teacher is not None:
-            models["flow"], logs["flow"] = ("flow", teacher.cpu()), None
-        else:
-            flow, logs["flow"] = train("flow", train_data, args, args.device, objective="flow")
-            models["flow"] = ("flow", flow.cpu())
-    samples, metrics = evaluate(models, x0, data, data_b, gm, path)
-    metrics.update(dataset=args.dataset, objective=name,
-                   train_seconds={k: v["seconds"] for k, v in logs.items() if v is not None})
-    print_metrics(metrics, models)
-
-    written = ["samples.png", "trajectories.png", "losses.png"]
-    off = metrics.get("off_mode")
-    plot_samples(os.path.join(args.out, "samples.png"), data, samples, [1, 2, 4, 8, 128], off)
-    trajectories = trajectories_of(models, x0, [1, 4, 128])
-    if trajectories:
-        plot_trajectories(os.path.join(args.out, "trajectories.png"), data, trajectories, [1, 4, 128])
-    else:
-        written.remove("trajectories.png")
-    plot_losses(os.path.join(args.out, "losses.png"), {k: v for k, v in logs.items() if v is not None})
-    if gm is not None:
-        errors = {k: exact_errors(m, path, told=B.objective(obj).told) for k, (obj, m) in models.items()}
-        metrics["exact_rms_error"] = errors
-        print("\nRMS error of s(x_t, t, d) against the exact jump (Phi_{t->t+d}(x_t) - x_t)/d")
-        w = max(map(len, models))
-        print(f"  {'d':{w}s}" + "".join(f"{'1/' + str(n):>9s}" for n in STEP_COUNTS))
-        for k in models:
-            print(f"  {k:{w}s}" + "".join(f"{errors[k][n]:9.4f}" for n in STEP_COUNTS))
-        plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()))
-        written.append("exact.png")
-        if track is not None:
-            metrics["exact_during_training"] = log["exact"]
-            plot_exact_training(os.path.join(args.out, "exact_training.png"), log["exact"])
-            written.append("exact_training.png")
-
-    arrays = {"data": data, **{f"{k}_{n}": samples[k][n] for k in models for n in STEP_COUNTS}}
-    write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez_compressed(f, **arrays))
-    save_json(os.path.join(args.out, "metrics.json"), metrics)
-    print(f"\ndone in {time.time() - start:.1f}s; wrote {', '.join(written)}, samples.npz, metrics.json and "
-          f"{name}.pt to {args.out}")
+    print(f"training on {args.dataset}: {len(rows)} models x {len(seeds)} seeds, {args.steps} steps of batch "
+          f"{args.batch_size}, device {args.device}")
+    first, *others = [replicate(args, rows, seed, gm, path) for seed in seeds]
+    per_seed = [first[-1]] + [m[-1] for m in others]
+    metrics = {"run": dataclasses.asdict(record(args)), "seeds": list(seeds),
+               **{k: average([m[k] for m in per_seed]) for k in per_seed[0]}}
+    if others:
+        metrics["per_seed"] = per_seed
+    models, logs, data, x0, samples, _ = first
+    if stem == "toy":
+        metrics.update(one_run_figures(args, models, logs, data, x0, path, per_seed[0].get("exact_error")))
+    md = tables(metrics, counts, f"{stem}: {args.dataset}, MLP {args.width}x{args.depth}, {args.steps} steps of batch "
+                f"{args.batch_size} per model (two-phase: plus their teacher's), seeds {list(seeds)}")
+    print("\n" + md)
+    write_atomic(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(md.encode()))
+    save_json(os.path.join(args.out, f"{stem}.json"), metrics)
+    arrays = {"data": data, **{f"{file_name(k)}_{n}": x for k, per_n in samples.items() for n, x in per_n.items()}}
+    write_atomic(os.path.join(args.out, f"{stem}.npz"), lambda f: np.savez_compressed(f, **arrays))
+    plot_samples(os.path.join(args.out, f"{stem}.png"), data, samples, counts, per_seed[0].get("off_mode"))
+    print(f"\ndone in {time.time() - start:.1f}s; wrote {stem}.md, .json, .npz, .png and a checkpoint per model "
+          f"to {args.out}")
     return metrics
 
 
-def print_metrics(metrics, models):
-    w2, off, w = metrics["sliced_w2"], metrics.get("off_mode"), max(map(len, models))
-    print(f"\nsliced W2 to fresh data (data vs data: {w2['data vs data']:.4f})")
-    print(f"  {'steps':{w}s}" + "".join(f"{n:>9d}" for n in STEP_COUNTS))
-    for k in models:
-        print(f"  {k:{w}s}" + "".join(f"{w2[k][n]:9.4f}" for n in STEP_COUNTS))
-    if off is not None:
-        print(f"\nshare of samples more than 3 sigma from every mode (data: {100 * off['data']:.1f}%)")
-        print(f"  {'steps':{w}s}" + "".join(f"{n:>9d}" for n in STEP_COUNTS))
-        for k in models:
-            print(f"  {k:{w}s}" + "".join(f"{100 * off[k][n]:8.1f}%" for n in STEP_COUNTS))
+def replicate(args, rows, seed, gm, path):
+    """One seed of a comparison: its data, noise and models, their samples and their measures.
+    The flow-matching row is also the teacher of the two-phase rows."""
+    rng = np.random.default_rng(seed)
+    train_data = sample_data(args.dataset, 100_000, rng)
+    data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
+    x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
+    base, teacher, models, logs = record(args, seed=seed), None, {}, {}
+    for i, (row, changes) in enumerate(rows):
+        run = dataclasses.replace(base, **changes)
+        flow_row = run.objective == "flow" and run.pair == "independent"
+        two_phase = B.objective(run.objective).two_phase
+        if flow_row or two_phase:
+            teacher = teacher or flow_teacher(args, base, train_data, seed)
+        if flow_row:
+            _, model, logs[row] = teacher
+        else:
+            track = (args.track_exact, lambda m: exact_errors(m, path)) \
+                if args.track_exact and path is not None and i == 0 and seed == args.seed else None
+            model, logs[row] = obtain(args, dataclasses.replace(run, teacher=teacher[0] if two_phase else None),
+                                      file_name(row) + f"_seed{seed}" * (seed != args.seed), train_data,
+                                      teacher[1] if two_phase else None, track)
+        models[row] = (run.objective, model.cpu())
+    samples, metrics = evaluate(models, x0, data, data_b, gm, path, seed)
+    metrics["train_seconds"] = {row: logs[row]["seconds"] for row in models}
+    return models, logs, data, x0, samples, metrics
+
+
+def file_name(row):
+    """A row's name as a file or key name: 'shortcut + OT' -> 'shortcut_OT'."""
+    return re.sub(r"[^A-Za-z0-9-]+", "_", row)
+
+
+def average(values):
+    """The mean over seeds of nested dicts of numbers (None where a seed has None)."""
+    if isinstance(values[0], dict):
+        return {k: average([v[k] for v in values]) for k in values[0]}
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "{:.1%}"),
+            ("sliced_w2", "sliced W2 to fresh data", "{:.3f}"),
+            ("exact_error", "RMS error of s(x_t, t, 1/N) against the exact jump", "{:.3f}")]
+
+
+def tables(metrics, counts, head):
+    """The measures as markdown: a table per measure, a row per model and a column per step
+    count N; over several seeds each cell is the mean ± the standard deviation."""
+    out, rows = [head, ""], list(metrics["train_seconds"])
+    for key, title, fmt in (m for m in MEASURES if m[0] in metrics):
+        ref = metrics[key].get("data")
+        out += [title + (f" (data: {fmt.format(ref)})" if ref is not None else ""), "",
+                "| N | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
+        for row in rows:
+            mean = metrics[key][row]
+            cells = ["n/a" if mean is None else fmt.format(mean[n]) + (
+                f" ± {fmt.format(np.std([m[key][row][n] for m in metrics['per_seed']], ddof=1))}"
+                if "per_seed" in metrics else "") for n in counts]
+            out.append(f"| {row} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out + ["training seconds: " + ", ".join(f"{row} {metrics['train_seconds'][row]:.1f}"
+                                                            for row in rows)]) + "\n"
+
+
+def one_run_figures(args, models, logs, data, x0, path, errors):
+    """The usual run's figures of its models: sample paths, losses and, for mixtures, the errors
+    against the exact flow (and, with --track-exact, during training, returned for the record)."""
+    counts = [1, 4, 128]
+    paths = {k: {n: sample(m, x0, n, flow=B.objective(obj).told == "0", trajectory=True)[1].numpy() for n in counts}
+             for k, (obj, m) in models.items() if B.objective(obj).told != "1 - t"}
+    if paths:
+        plot_samples(os.path.join(args.out, "trajectories.png"), data, {k: {n: p[-1] for n, p in v.items()}
+                                                                        for k, v in paths.items()}, counts, paths=paths)
+    trained = {k: v for k, v in logs.items() if "fm" in v}
+    if trained:
+        plot_losses(os.path.join(args.out, "losses.png"), trained)
+    if path is not None:
+        plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()))
+    history = next(iter(logs.values())).get("exact")
+    if history:
+        plot_exact_training(os.path.join(args.out, "exact_training.png"), history)
+    return {"exact_during_training": history} if history else {}
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except OSError as e:       # a read-only --out, or a full disk while writing the outputs
-        print(f"train_toy.py: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        sys.exit(2)
+    cli(main)
