@@ -7,9 +7,10 @@ record (shortcut.py), and `shortcut.regress` does the rest. All builders share o
 
     builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets,
 
-where `progress` in [0, 1] is the share of training done (for the curricula) and `teacher` is
-the frozen flow-matching model of the two-phase objectives. `make_targets(name, ...)` picks one
-from the registry `OBJECTIVES`, which also says how each one samples.
+where `progress` in [0, 1] is the share of training done (for the curricula), `teacher` is
+the frozen flow-matching model of the two-phase objectives, and the options are the keywords
+of each builder (`options_of` picks them from a run's settings). `make_targets(name, ...)`
+picks a builder from the registry `OBJECTIVES`, which also says how each one samples.
 
 The network is always told a step d whose meaning is right for its target: 0 (the velocity)
 for flow matching, diffusion and reflow; 1 - t (the jump to the end) for the two consistency
@@ -33,8 +34,8 @@ Where these depart from the official builders (kvfrans/shortcut-models, targets_
 * Reflow is not in the official code. Here its pairs are generated per batch (fresh noise, 8
   Euler steps of the teacher's velocity, as live reflow makes its own) rather than once as a
   fixed data set: the same distribution of pairs, at 8 teacher forwards per step.
-* Diffusion is the variance-preserving cosine path trained on its velocity and sampled by
-  Euler on its probability-flow ODE (the reference notes' equivalent of the paper's row).
+* The paper's diffusion row is a standard diffusion model; here it is the variance-preserving
+  cosine path trained on its velocity and sampled by Euler on its probability-flow ODE.
 """
 import inspect
 import math
@@ -90,7 +91,7 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair=
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t.
     curriculum=False (an exercise) uses the final dt = 1/64 from the first step."""
     check_batch(x1, y)
-    k = consistency_level(progress if curriculum else 1.0)
+    k = stage(progress if curriculum else 1.0)
     dt = 0.5 ** k
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) * 2 ** k) * dt
@@ -102,8 +103,9 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair=
     return Targets(x_t, t, 1 - t, y, (end - x_t) / bcast(1 - t, x1), len(x1))
 
 
-def consistency_level(progress):
-    """Consistency training's curriculum: the level k of its step dt = 2^-k at `progress`."""
+def stage(progress):
+    """The stage k = 0 .. 6 of the curricula at `progress`: consistency training's step is
+    2^-k, and progressive distillation's stage k trains the step 2^-(6-k)."""
     return min(int(progress * BOOTSTRAP_LEVELS), BOOTSTRAP_LEVELS - 1)
 
 
@@ -152,7 +154,7 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     The student starts as the flow-matching teacher, and at each new stage the teacher becomes
     a copy of the student (`new_stage`): the training loop does both. Told the stage's d."""
     check_batch(x1, y)
-    d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - distillation_stage(progress))
+    d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - stage(progress))
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
     x_t, dd = interpolate(x0, x1, t), torch.full_like(t, d)
@@ -161,15 +163,10 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     return Targets(x_t, t, dd, y, target, len(x1))
 
 
-def distillation_stage(progress):
-    """Progressive distillation's stage j = 0 .. 6 at `progress`."""
-    return min(int(progress * BOOTSTRAP_LEVELS), BOOTSTRAP_LEVELS - 1)
-
-
 def new_stage(name, progress, next_progress):
     """True when `name` is progressive distillation and the next step starts a new stage:
     the training loop then copies the student into the teacher."""
-    return name == "progressive-distillation" and distillation_stage(next_progress) != distillation_stage(progress)
+    return name == "progressive-distillation" and stage(next_progress) != stage(progress)
 
 
 def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
@@ -192,35 +189,106 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
 #                 Beyond the paper: MeanFlow, eq. 5 in continuous time         #
 ################################################################################
 
-def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, clip=4.0, pair="independent", meanflow_frac=0.25):
-    """MeanFlow (Geng et al. 2025): eq. 5 in continuous time. s(x, t, d) is the average
-    velocity over [t, t + d]; differentiating d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the
-    path with t + d held fixed gives s = v + d (v . grad_x s + d_t s - d_d s), and the target is
-    its right side under stop-gradient with v = x1 - x0 (`meanflow_target`). Queries: a
-    1 - meanflow_frac share of the rows has d = 0 (the target is then v: flow matching); in the
-    rest, t and t + d are the smaller and larger of two uniforms, so t + d <= 1. Told d, any d
-    in [0, 1]; sampled by the shortcut sampler."""
+def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75,
+             times="logit-normal"):
+    """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous
+    time. s(x, t, d) is the average velocity over [t, t + d]; differentiating
+    d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the path with t + d held fixed gives
+    s = v + d (v . grad_x s + d_t s - d_d s), and the target is its right side under
+    stop-gradient, with v = x1 - x0 (`meanflow_target`), not clipped. Queries: a `ratio` share
+    of the rows has d > 0, the rest d = 0 (the target is then v: flow matching). The start and
+    the end of each jump are the smaller and the larger of two times: times="logit-normal" draws
+    them as sigmoid(N(0.6, 1.6)) and sigmoid(N(4, 1.6)), the official CIFAR-10 values in this
+    project's direction of time; "uniform" as two uniforms. Its loss is the adaptive weight with
+    p = 1 (the registry's loss_power). Told d, any d in [0, 1]; sampled by the shortcut sampler."""
     check_batch(x1, y)
-    B, n = len(x1), round(meanflow_frac * len(x1))
+    B, n = len(x1), round(ratio * len(x1))
     x0 = draw_noise(x1, pair, y)
-    a, b = torch.rand(B, device=x1.device), torch.rand(B, device=x1.device)
-    t = torch.cat([torch.minimum(a, b)[:n], a[n:]])
+    if times == "logit-normal":
+        mean = torch.tensor([[0.6], [4.0]], device=x1.device)
+        a, b = torch.sigmoid(mean + 1.6 * torch.randn(2, B, device=x1.device))
+    elif times == "uniform":
+        a, b = torch.rand(2, B, device=x1.device)
+    else:
+        raise ValueError(f"times must be 'logit-normal' or 'uniform', got {times!r}")
+    t = torch.minimum(a, b)
     d = torch.cat([(a - b).abs()[:n], torch.zeros(B - n, device=x1.device)])
     x_t = interpolate(x0, x1, t)
-    net = model if teacher is None else teacher
-    return Targets(x_t, t, d, y, meanflow_target(net, x_t, t, d, x1 - x0, y, clip), n)
+    return Targets(x_t, t, d, y, meanflow_target(model if teacher is None else teacher, x_t, t, d, x1 - x0, y), n)
 
 
-def meanflow_target(net, x_t, t, d, v, y=None, clip=None):
+def meanflow_target(net, x_t, t, d, v, y=None):
     """sg[v + d (v . grad_x s + d_t s - d_d s)] at (x_t, t, d): one forward-mode JVP of the
-    network with tangent (v, 1, -1), clipped to +-clip like the shortcut's bootstrap targets
-    (t enters the embedding scaled by 1000, so d_t s can be large early in training). The
-    fused attention kernels have no forward-mode rule, so attention runs on the math kernel."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    network with tangent (v, 1, -1), outside autocast as the authors run it. The fused attention
+    kernels have no forward-mode rule, so attention runs on the math kernel."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
         _, ds = torch.func.jvp(lambda x, t, d: net(x, t, d, y), (x_t, t, d),
                                (v, torch.ones_like(t), -torch.ones_like(d)))
-    target = v + bcast(d, v) * ds
-    return target if clip is None else target.clamp(-clip, clip)
+    return v + bcast(d, v) * ds
+
+
+################################################################################
+#               Beyond the paper: AMED, a learned solver for a flow model      #
+################################################################################
+
+class AMED(torch.nn.Module):
+    """AMED (Zhou et al., CVPR 2024): a sampler for a trained flow-matching model, the solver's
+    answer to a shortcut. Each step from t to t + d first takes an Euler step to u = t + r d,
+    then the whole step with the velocity there: x <- x + c d v(x_u, u), 2 network evaluations
+    per step. A tiny network predicts r in (0, 1) and a scale c near 1 for each sample, from t,
+    d and two cheap features of x_t: its RMS and that of v(x_t, t), which the step computes
+    anyway. It starts as the midpoint rule (r = 1/2, c = 1), and `fit` trains it to land where
+    the flow's own fine solution (128 Euler steps) lands at t + d. By the mean-value theorem a
+    scalar ODE has such a u in every step; a vector field need not (docs/EXERCISES.md)."""
+
+    def __init__(self, flow, width=32):
+        super().__init__()
+        self.flow, self.num_classes = flow.requires_grad_(False), flow.num_classes
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.SiLU(), torch.nn.Linear(width, 2))
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+
+    def step(self, x, t, d, y=None, cfg_scale=1.0, v=None):
+        """One step from t to t + d (t, d of shape (B,)); v: the velocity at (x, t), if known."""
+        zero = torch.zeros_like(t)
+        v = guided(self.flow, x, t, zero, y, cfg_scale) if v is None else v
+        rms = lambda z: z.flatten(1).pow(2).mean(1).sqrt()            # noqa: E731
+        features = torch.stack([t, d, rms(x), rms(v)], 1).to(self.net[0].weight.dtype)
+        r, c = self.net(features).to(x.dtype).unbind(1)
+        r, c = torch.sigmoid(r), 1 + c
+        u = t + r * d
+        return x + bcast(c * d, x) * guided(self.flow, x + bcast(r * d, x) * v, u, zero, y, cfg_scale)
+
+    def fit(self, x0, y=None, counts=(1, 2, 4), iters=400, batch=512, lr=1e-2):
+        """Trains the predictor on noise x0 (n, ...): every step of N = 1, 2 and 4 steps, from the
+        flow's fine solution at t to the fine solution at t + d. Returns the last loss."""
+        starts = sorted({i for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N)})
+        ones = torch.ones(len(x0), device=x0.device)
+        with torch.no_grad():
+            path = sample(self.flow, x0, MAX_STEPS, y, flow=True, trajectory=True)[1]       # (129, n, ...)
+            v = {i: guided(self.flow, path[i], ones * i / MAX_STEPS, 0 * ones, y, 1.0) for i in starts}
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        for _ in range(iters):
+            rows = torch.randint(len(x0), (min(batch, len(x0)),), device=x0.device)
+            yb, one = None if y is None else y[rows], ones[rows]
+            loss = sum((self.step(path[i][rows], one * i / MAX_STEPS, one / N, yb, v=v[i][rows])
+                        - path[i + MAX_STEPS // N][rows]).pow(2).mean() / N
+                       for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+
+
+@torch.no_grad()
+def sample_amed(model, x0, steps, y=None, cfg_scale=1.0):
+    """N AMED steps of size 1/N with an AMED model: 2N evaluations of its flow."""
+    x, t = x0, 0.0
+    for d in step_sizes(steps, off_grid=True):
+        x = model.step(x, torch.full((len(x0),), t, device=x0.device), torch.full((len(x0),), d, device=x0.device),
+                       y, cfg_scale)
+        t += d
+    return x
 
 
 ################################################################################
@@ -263,6 +331,8 @@ class Objective:
     sample: Callable           # (model, x0, steps, y=None, cfg_scale=1.0) -> x1
     told: str                  # the d the network is told: "0", "step" or "1 - t"
     two_phase: bool = False    # needs a trained flow-matching teacher
+    loss_power: float = 0.0    # the robust loss its authors train with (shortcut.loss_of); 0 is the MSE
+    t_scale: float = 1000.0    # t's scale before its embedding, chosen by measurement (docs/RESULTS.md)
 
 
 _velocity = partial(sample, flow=True)
@@ -270,13 +340,14 @@ _velocity = partial(sample, flow=True)
 OBJECTIVES = {
     "flow": Objective(flow_matching, _velocity, "0"),
     "shortcut": Objective(shortcut, sample, "step"),
-    "consistency-training": Objective(consistency_training, sample_multistep, "1 - t"),
+    "consistency-training": Objective(consistency_training, sample_multistep, "1 - t", t_scale=1.0),
     "live-reflow": Objective(live_reflow, sample, "step"),
     "diffusion": Objective(diffusion, _velocity, "0"),
-    "consistency-distillation": Objective(consistency_distillation, sample_to_end, "1 - t", two_phase=True),
+    "consistency-distillation": Objective(consistency_distillation, sample_to_end, "1 - t", two_phase=True,
+                                          t_scale=1.0),
     "progressive-distillation": Objective(progressive_distillation, sample, "step", two_phase=True),
     "reflow": Objective(reflow, _velocity, "0", two_phase=True),
-    "meanflow": Objective(meanflow, sample, "step"),
+    "meanflow": Objective(meanflow, sample, "step", loss_power=1.0, t_scale=1.0),
 }
 
 
@@ -285,6 +356,12 @@ def objective(name):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
+
+
+def defaults(name, **settings):
+    """A run's settings with the objective's own loss power and t scale where they are None."""
+    obj = objective(name)
+    return {**settings, **{k: getattr(obj, k) for k in ("loss_power", "t_scale") if settings.get(k) is None}}
 
 
 def options_of(name, settings):

@@ -32,7 +32,7 @@ try:                                   # where numpy pickles keep the array cons
 except ImportError:                    # numpy < 2
     from numpy.core.multiarray import _reconstruct
 
-from baselines import objective
+from baselines import AMED, objective, sample_amed
 from shortcut import UserError, write_atomic
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -358,22 +358,32 @@ def save_grid(path, x01, nrow, col_labels=None):
 
 
 def evaluate(model, run, args, data, judge=None):
-    """Samples with each of --eval-steps from the same noise, by the run's objective's sampler
-    (and, for a shortcut model, also by Euler with its velocity d = 0); writes the grids and
-    samples.npz to --out and returns the metrics."""
+    """Samples with each of --eval-steps from the same noise, by the run's objective's sampler;
+    a shortcut model also by Euler with its velocity d = 0, and a flow-matching model also by
+    AMED (baselines.AMED, fitted here) at 2, 4 and 8 network evaluations. Writes the grids and
+    samples.npz to --out and returns the metrics, keyed SAMPLER_N (N steps; AMED: N evaluations)."""
     info, device, name = DATA[run.dataset], data.device, run.objective
     n, classes = args.n_samples, info.classes
-    x0 = torch.randn(n, info.channels, info.size, info.size,
-                     generator=torch.Generator().manual_seed(run.seed + 1)).to(device)
-    y = (torch.arange(n) % classes).to(device) if classes else None
-    settings = [(name, objective(name).sample, N) for N in args.eval_steps]
+    noise = lambda k, seed: torch.randn(k, info.channels, info.size, info.size,       # noqa: E731
+                                        generator=torch.Generator().manual_seed(seed)).to(device)
+    x0, y = noise(n, run.seed + 1), (torch.arange(n) % classes).to(device) if classes else None
+    settings = [(f"{name}_{N}", objective(name).sample, model, N) for N in args.eval_steps]
     if name == "shortcut":
-        settings += [("velocity", objective("flow").sample, N) for N in args.eval_steps if N < 128]
+        settings += [(f"velocity_{N}", objective("flow").sample, model, N) for N in args.eval_steps if N < 128]
+    if name == "flow" and args.amed_iters:
+        amed, t0 = AMED(model).to(device), time.time()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(run.seed + 3)
+            k = min(n, 2048)
+            amed.fit(noise(k, run.seed + 3), (torch.arange(k) % classes).to(device) if classes else None,
+                     iters=args.amed_iters)
+        print(f"fitted AMED's step predictor in {time.time() - t0:.1f}s", flush=True)
+        settings += [(f"amed_{2 * N}", sample_amed, amed, N) for N in (1, 2, 4)]
     samples, t0 = {}, time.time()
-    for kind, sampler, N in settings:
+    for key, sampler, net, N in settings:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(run.seed + 2)        # the fresh noise of the multistep sampler
-            samples[f"{kind}_{N}"] = generate(sampler, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
+            samples[key] = generate(sampler, net, x0, N, y, args.cfg_scale, args.eval_batch_size)
     print(f"sampled {n} images for each of {len(settings)} settings in {time.time() - t0:.1f}s"
           + (" (velocity_128 is shortcut_128: d = 0 is the finest level)" if name == "shortcut" else ""), flush=True)
 

@@ -195,20 +195,38 @@ def errors(model, targets):
     return (model(tg.x_t, tg.t, tg.d, tg.y) - tg.target.to(tg.x_t.dtype)).float().pow(2).flatten(1).mean(1)
 
 
-def regress(model, targets):
-    """(loss, info): the MSE of the network against the targets, with each part's MSE in info
-    as a float ('sc' for the bootstrap rows, 'fm' for the rest; nan for an empty part)."""
+def regress(model, targets, loss_power=0.0):
+    """(loss, info): the loss of the network against the targets (`loss_of`), with each part's
+    MSE in info as a float ('sc' for the bootstrap rows, 'fm' for the rest; nan if empty)."""
     err, n = errors(model, targets), targets.n_boot
     info = {"fm": err[n:].mean().item() if n < len(err) else float("nan"),
             "sc": err[:n].mean().item() if n else float("nan")}
-    return err.mean(), info
+    return loss_of(err, targets, loss_power), info
 
 
-def shortcut_loss(model, x1, y=None, **options):
+def loss_of(err, targets, loss_power=0.0):
+    """The loss from the rows' errors (B,): their mean, the MSE, for loss_power = 0.
+
+    loss_power p > 0 makes it robust, with MeanFlow's adaptive weight: each row's error e,
+    summed over its elements, is divided by sg(e + 1e-3)^p (p = 1/2 is close to the pseudo-Huber
+    loss of improved consistency training). The weights are normalised within each part, so
+    that the bootstrap rows and the data rows keep their batch shares. Over the whole batch,
+    the bootstrap rows, whose errors are the smallest, would take nearly all the weight and be
+    driven to a trivial self-consistent map such as s = 0, with flow matching, the ground of
+    eq. 5, left untrained."""
+    if not loss_power:
+        return err.mean()
+    n = targets.n_boot
+    w = (err.detach() * targets.target[0].numel() + 1e-3) ** -loss_power
+    parts = [p for p in (slice(0, n), slice(n, None)) if len(err[p])]
+    return sum(w[p] @ err[p] / w[p].sum() * len(err[p]) for p in parts) / len(err)
+
+
+def shortcut_loss(model, x1, y=None, loss_power=0.0, **options):
     """The shortcut objective on a batch of data x1: (loss, info), where loss is the MSE over
-    every element, so that the two parts weigh by their batch share. The options are those of
-    shortcut_targets."""
-    return regress(model, shortcut_targets(model, x1, y, **options))
+    every element (or its robust form, regress), so that the two parts weigh by their batch
+    share. The options are those of shortcut_targets."""
+    return regress(model, shortcut_targets(model, x1, y, **options), loss_power)
 
 
 def check_batch(x1, y):
@@ -633,6 +651,7 @@ as_count = checked(int, lambda v: v >= 1, "at least 1")
 as_share = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 as_positive = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
 as_seed = checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)")
+as_power = checked(float, lambda v: 0 <= v <= 2, "in [0, 2]")
 
 
 @contextlib.contextmanager
@@ -701,18 +720,13 @@ def write_atomic(path, write):
 
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; anything else is checked and returned."""
+    usable = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but this torch has no MPS backend")
-    if name not in ("cpu", "cuda", "mps"):
+        return torch.device(next(kind for kind, ok in usable.items() if ok))
+    if name not in usable:
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    if not usable[name]:
+        raise ValueError(f"device {name!r} was asked for but this torch cannot use it here")
     return torch.device(name)
 
 

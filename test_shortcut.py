@@ -230,6 +230,23 @@ def test_targets_are_clipped():
     assert info["sc"] == pytest.approx(36.0)          # (10 - 4)^2
 
 
+def test_the_robust_loss_weighs_rows_within_each_part():
+    """loss_power = 0 is the MSE; p > 0 divides each row's summed error e by (e + 1e-3)^p and
+    normalises the weights within the bootstrap rows and within the data rows, so that each part
+    keeps its batch share however small its errors are."""
+    targets = S.Targets(torch.zeros(6, 3), torch.zeros(6), torch.zeros(6), None, torch.zeros(6, 3), n_boot=2)
+    err = torch.tensor([1e-6, 4e-6, 0.5, 1.0, 2.0, 3.0])
+    assert S.loss_of(err, targets) == err.mean()
+    for p in (0.5, 1.0):
+        w = (3 * err + 1e-3) ** -p
+        parts = [(w[:2] @ err[:2]) / w[:2].sum() * 2, (w[2:] @ err[2:]) / w[2:].sum() * 4]
+        torch.testing.assert_close(S.loss_of(err, targets, p), sum(parts) / 6)
+    grad = torch.func.grad(lambda e: S.loss_of(e, targets, 1.0))(err)
+    torch.testing.assert_close(grad[:2].sum(), torch.tensor(2 / 6))    # the bootstrap rows' share of the gradient
+    w = (3 * err + 1e-3) ** -1.0
+    assert w[:2].sum() / w.sum() > 0.99             # which one weighting over the whole batch gives them
+
+
 ################################################################################
 #                                   Sampler                                    #
 ################################################################################
@@ -481,6 +498,48 @@ def test_ot_pairing_is_a_permutation_that_never_costs_more():
         S.draw_noise(x1, "sinkhorn")
 
 
+def test_meanflow_draws_its_queries_as_its_authors_do():
+    torch.manual_seed(0)
+    x1 = torch.randn(40_000, 2)
+    tg = B.make_targets("meanflow", GaussianShortcut(MU, SCALE), x1)
+    start, end = tg.t, tg.t + tg.d
+    assert tg.n_boot == 30_000 and torch.all(tg.d[:30_000] > 0) and torch.all(tg.d[30_000:] == 0)
+    assert torch.all(end <= 1) and torch.all(start >= 0)
+    # the larger of sigmoid(N(0.6, 1.6)) and sigmoid(N(4, 1.6)): mostly the latter, near the data
+    assert end[:30_000].median() == pytest.approx(0.976, abs=0.01) and start.median() == pytest.approx(0.62, abs=0.02)
+    tg = B.make_targets("meanflow", GaussianShortcut(MU, SCALE), x1, ratio=0.25, times="uniform")
+    assert tg.n_boot == 10_000 and tg.t.mean() == pytest.approx(1 / 3, abs=0.01)    # the smaller of two uniforms
+    assert B.OBJECTIVES["meanflow"].loss_power == 1.0 and B.OBJECTIVES["shortcut"].loss_power == 0.0
+
+
+class GaussianVelocity(GaussianShortcut):
+    """Only the velocity of the Gaussian flow, as a flow-matching model answers, and a counter."""
+    num_classes, calls = 0, 0
+
+    def forward(self, x, t, d, y=None):
+        GaussianVelocity.calls += 1
+        return self.velocity(x, t).to(x.dtype)
+
+
+def test_amed_takes_two_evaluations_a_step_and_learns_a_better_step_than_the_midpoint():
+    flow = GaussianVelocity(MU, SCALE)
+    amed = B.AMED(flow)
+    x0 = torch.randn(2000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = flow.flow(x0, torch.zeros(2000), torch.ones(2000))
+    amed.net.double()
+    before = (B.sample_amed(amed, x0, 1) - exact).norm(dim=1).mean()
+    midpoint = (x0 + flow.velocity(x0 + 0.5 * flow.velocity(x0, torch.zeros(2000)), torch.full((2000,), 0.5))
+                - exact).norm(dim=1).mean()
+    torch.testing.assert_close(before, midpoint)                  # it starts as the midpoint rule
+    GaussianVelocity.calls = 0
+    B.sample_amed(amed, x0, 4)
+    assert GaussianVelocity.calls == 8                            # NFE 2 per step
+    torch.manual_seed(0)
+    amed.fit(x0, iters=150)
+    after = (B.sample_amed(amed, x0, 1) - exact).norm(dim=1).mean()
+    assert after < 0.5 * before, (before, after)
+
+
 ################################################################################
 #                                    Models                                    #
 ################################################################################
@@ -530,7 +589,22 @@ def test_conditioning_is_used(i):
         assert not torch.allclose(model(x, t, d, torch.zeros(4, dtype=torch.long)), model(x, t, d, null))
 
 
-def test_library_errors_are_one_clear_value_error():
+def test_told_the_end_time_the_network_sees_where_a_jump_ends():
+    """d_embed="end" embeds t + d (with d = 0 the finest step, as for levels) in place of the level."""
+    torch.manual_seed(0)
+    model = S.MLP(d_embed="end", t_scale=1.0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, t, d = torch.randn(4, 2), torch.rand(4) * 0.5, 0.5 ** torch.randint(1, 8, (4,)).float()
+    c = model.cond
+    torch.testing.assert_close(c(t, d), c.t_emb(t) + c.d_emb(t + d))
+    torch.testing.assert_close(model(x, t, torch.zeros(4)), model(x, t, torch.full((4,), 1 / 128)))
+    assert not torch.allclose(model(x, t, d), model(x, t + 0.1, d))
+    with pytest.raises(ValueError, match="d_embed"):
+        S.MLP(d_embed="start")
+
+
+def test_library_errors_are_one_clear_value_error_each():
     mlp, dit = S.MLP(dim=2, num_classes=3), S.DiT(S.dit_config("tiny", img_size=8, channels=1))
     x, t, d = torch.randn(4, 2), torch.rand(4), torch.zeros(4)
     cases = [
@@ -544,6 +618,11 @@ def test_library_errors_are_one_clear_value_error():
         (lambda: S.shortcut_loss(mlp, x, bootstrap_frac=1.5), "bootstrap_frac"),
         (lambda: S.shortcut_loss(mlp, torch.randn(0, 2)), "empty"),
         (lambda: S.shortcut_loss(mlp, x, clip=-1.0), "clip must be positive"),
+        (lambda: mlp(x.int(), t, d), "x must be a floating-point tensor, got torch.int32"),
+        (lambda: mlp(x, (10 * t).long(), d), "t must be a floating-point tensor"),
+        (lambda: mlp(x, t, d, torch.ones(4)), "y must be integer class labels, got torch.float32"),
+        (lambda: S.shortcut_loss(mlp, torch.ones(4, 2, dtype=torch.long)), "x1 must be a floating-point tensor"),
+        (lambda: S.sample(mlp, torch.zeros(4, 2, dtype=torch.long), 1), "x must be a floating-point tensor"),
     ]
     cases += [(lambda bad=bad: S.DiTConfig(**bad), "must be at least 1")
               for bad in ({"patch": 0}, {"heads": 0}, {"width": 0}, {"depth": -1})]
@@ -593,6 +672,21 @@ def test_off_mode_share_of_data_is_the_gaussian_tail_and_non_finite_points_are_o
     assert toy.off_mode_fraction(on_a_mode, gm) == 0.5
 
 
+def test_spread_is_one_for_the_data_and_a_quarter_for_samples_shrunk_by_half():
+    g = torch.Generator().manual_seed(0)
+    gaussian = gaussian_as_mixture(MU, SCALE)
+    x = GaussianShortcut(MU, SCALE).flow(torch.randn(40_000, 2, dtype=torch.float64, generator=g),
+                                         torch.zeros(40_000), torch.ones(40_000))   # the exact flow's samples
+    assert toy.spread(x.numpy(), gaussian) == pytest.approx(1.0, abs=0.02)
+    ring = toy.ring()
+    x = ring.sample(40_000, np.random.default_rng(0))
+    mode = ring.mu.numpy()[np.argmin(((x[:, None] - ring.mu.numpy()) ** 2).sum(-1), 1)]
+    assert toy.spread(x, ring) == pytest.approx(1.0, abs=0.02)
+    assert toy.spread(mode + 0.5 * (x - mode), ring) == pytest.approx(0.25, abs=0.01)
+    x[:10] = np.nan                                                   # non-finite samples are left out
+    assert toy.spread(x, ring) == pytest.approx(1.0, abs=0.02)
+
+
 def test_toy_measures_count_non_finite_samples_and_do_not_depend_on_the_global_random_state(capsys):
     """A model whose samples are NaN scores 100% off-mode and says so; the multistep sampler's
     fresh noise is seeded per model, so the measures of one model repeat whatever ran before."""
@@ -622,15 +716,7 @@ def test_frechet_distance_closed_form():
     assert images.frechet_from_stats(rot @ mu_a, rot @ ca @ rot.T, rot @ mu_b, rot @ cb @ rot.T) == pytest.approx(10.0)
 
 
-def test_checkerboard_leaves_alternate_cells_empty():
-    x = toy.sample_data("checkerboard", 16_000, np.random.default_rng(0)) / 0.7
-    cells = np.floor(x).astype(int) + 2                          # 4 x 4 cells, 0 .. 3 each way
-    counts = np.bincount(cells[:, 0] * 4 + cells[:, 1], minlength=16).reshape(4, 4)
-    black = (np.add.outer(np.arange(4), np.arange(4)) % 2 == 0)
-    assert counts[~black].sum() == 0 and np.all(np.abs(counts[black] - 2000) < 200), counts
-
-
-@pytest.mark.parametrize("name", toy.DATASETS)
+@pytest.mark.parametrize("name", toy.MIXTURES)
 def test_datasets_have_unit_scale(name):
     x = toy.sample_data(name, 5000, np.random.default_rng(0))
     assert x.shape == (5000, 2) and x.dtype == np.float32
@@ -648,7 +734,7 @@ def quick_train(*flags, steps=400, objective="shortcut"):
     args = toy.parse_args(["--steps", str(steps), "--width", "64", "--objective", objective, *flags])
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
     teacher = quick_train(steps=steps, objective="flow")[0] if B.objective(objective).two_phase else None
-    return toy.train(toy.record(args), data, torch.device("cpu"), teacher, log_every=100)
+    return toy.train(toy.record(args), data, teacher)
 
 
 def one_step_w2(model, flow=False):
@@ -716,19 +802,23 @@ def test_exercise_4_without_stop_gradient_the_targets_carry_gradient():
 
 
 @slow
-def test_exercise_5_the_sweep_trains_every_fraction(tmp_path):
+def test_exercise_5_a_larger_bootstrap_share_smears_one_step_less(tmp_path):
     small, large = quick_train("--bootstrap-frac", str(1 / 16))[0], quick_train("--bootstrap-frac", "0.5")[0]
-    assert one_step_w2(small) > one_step_w2(large)
+    assert off_mode(small, "shortcut", 1) > off_mode(large, "shortcut", 1)
     metrics = toy.main(["--sweep", "bootstrap-frac", "--steps", "20", "--width", "16", "--n-samples", "500",
                         "--out", str(tmp_path)])
     assert list(metrics["train_seconds"]) == ["bootstrap 1/16", "bootstrap 1/8", "bootstrap 1/4", "bootstrap 1/2"]
     assert all((tmp_path / f"sweep.{ext}").stat().st_size > 0 for ext in ("md", "json", "npz", "png"))
+    assert "| bootstrap 1/16 |" in (tmp_path / "sweep.md").read_text()
 
 
 @slow
-def test_exercise_6_uniform_d_gives_a_one_step_sampler_but_a_worse_one():
+def test_exercise_6_uniform_d_samples_in_one_step_with_less_accurate_jumps():
     uniform, dyadic, flow = quick_train("--d-sampling", "uniform")[0], quick_train()[0], quick_train(objective="flow")[0]
-    assert one_step_w2(dyadic) < one_step_w2(uniform) < 0.5 * one_step_w2(flow, flow=True)
+    assert max(off_mode(uniform, "shortcut", 1), off_mode(dyadic, "shortcut", 1)) < 0.5 * off_mode(flow, "flow", 1)
+    path = toy.mixture_paths("ring")
+    coarse = lambda m: np.mean([toy.exact_errors(m, path)[n] for n in (2, 4, 8)])     # noqa: E731
+    assert coarse(uniform) > coarse(dyadic)
 
 
 @slow
@@ -736,7 +826,7 @@ def test_exercise_7_the_exact_error_falls_with_training_at_every_d():
     path = toy.mixture_paths("ring")
     run = toy.record(toy.parse_args(["--steps", "400", "--width", "64"]))
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
-    _, log = toy.train(run, data, torch.device("cpu"), track=(200, lambda m: toy.exact_errors(m, path)), log_every=100)
+    _, log = toy.train(run, data, track=(200, lambda m: toy.exact_errors(m, path)))
     first, last = log["exact"][1], log["exact"][400]
     assert set(log["exact"]) == {1, 200, 400}
     assert all(last[n] < 0.75 * first[n] for n in toy.STEP_COUNTS), (first, last)
@@ -745,16 +835,16 @@ def test_exercise_7_the_exact_error_falls_with_training_at_every_d():
 @slow
 def test_exercise_8_a_slow_ema_teacher_lags_in_a_short_run():
     online, ema = quick_train()[0], quick_train("--ema-teacher")[0]     # decay 0.999: a horizon of ~1000 steps
-    assert one_step_w2(ema) > 1.5 * one_step_w2(online)
+    assert off_mode(ema, "shortcut", 1) > 1.5 * off_mode(online, "shortcut", 1)
 
 
 @slow
-def test_exercise_10_consistency_training_without_its_curriculum_is_better_at_4_and_128_steps():
+def test_exercise_10_without_its_curriculum_consistency_training_smears_less():
     with_curriculum = quick_train(objective="consistency-training")[0]
     fixed_step = quick_train("--no-curriculum", objective="consistency-training")[0]
     tg = B.make_targets("consistency-training", fixed_step, torch.randn(64, 2), progress=0.0, curriculum=False)
     assert torch.all(torch.remainder(tg.t, 1 / 64) == 0) and tg.t.max() == 63 / 64     # dt = 1/64 from step 1
-    for n in (4, 128):
+    for n in (1, 4):
         assert off_mode(fixed_step, "consistency-training", n) < off_mode(with_curriculum, "consistency-training", n)
 
 
@@ -768,12 +858,34 @@ def test_exercise_11_progressive_distillation_is_a_one_step_model():
 
 
 @slow
-def test_exercise_12_meanflow_samples_in_one_step():
-    """The continuous identity alone, with no grid of levels, trains a one-step sampler: better
-    than one step of the flow-matching velocity from the same budget."""
-    meanflow, flow = quick_train(objective="meanflow")[0], quick_train(objective="flow")[0]
-    assert off_mode(meanflow, "meanflow", 1) < 0.8 * off_mode(flow, "flow", 1)
-    assert one_step_w2(meanflow) < 0.5 * one_step_w2(flow, flow=True)
+def test_exercise_12_meanflow_as_its_authors_train_it_beats_the_shortcut_at_one_step():
+    """MeanFlow's recipe (t unscaled, adaptive weight p = 1, logit-normal times, no clip) beats
+    the shortcut model's one step after 400 steps of the same MLP (measured: 24.9% off-mode
+    against 28.6%)."""
+    meanflow, shortcut = quick_train("--width", "128", objective="meanflow")[0], quick_train("--width", "128")[0]
+    assert off_mode(meanflow, "meanflow", 1) < off_mode(shortcut, "shortcut", 1)
+
+
+def test_exercise_13_one_mean_value_time_is_exact_along_the_rays_of_symmetry_only():
+    """AMED's step x0 + v(x0 + u v(x0, 0), u) with the exact ring flow: on a ray of symmetry
+    (through a mode, or half way between two) the flow is one-dimensional and some u lands on
+    Phi; off them no single u does."""
+    gm = toy.ring()
+    angle = torch.tensor([0.0, math.pi / 8, math.pi / 16])      # through a mode, between two, neither
+    x0 = torch.stack([torch.cos(angle), torch.sin(angle)], 1).double() * 0.8
+    zero = torch.zeros(3, dtype=torch.float64)
+    jump = gm.flow_map(x0, zero, 1.0, h=1 / 128) - x0
+    v0 = gm.velocity(x0, zero)
+    miss = torch.stack([(gm.velocity(x0 + u * v0, zero + u) - jump).norm(dim=1)
+                        for u in torch.linspace(0, 1, 1001, dtype=torch.float64)]).min(0).values
+    assert max(miss[0], miss[1]) < 0.01 < 0.1 < miss[2], miss
+
+
+@slow
+def test_exercise_14_the_end_time_as_the_step_coordinate_changes_little():
+    level, end, flow = quick_train()[0], quick_train("--d-embed", "end")[0], quick_train(objective="flow")[0]
+    assert abs(off_mode(end, "shortcut", 1) - off_mode(level, "shortcut", 1)) < 0.05
+    assert off_mode(end, "shortcut", 1) < 0.5 * off_mode(flow, "flow", 1)
 
 
 ################################################################################
@@ -791,7 +903,7 @@ def run_cli(script, argv, capsys):
 def tiny_table(tmp_path_factory):
     """One short --table1 run for the tests: every objective for 30 steps."""
     out = tmp_path_factory.mktemp("table1")
-    flags = ["--table1", "--steps", "30", "--width", "16", "--n-samples", "500", "--log-every", "100", "--out", str(out)]
+    flags = ["--table1", "--steps", "30", "--width", "16", "--n-samples", "500", "--out", str(out)]
     return out, flags, toy.main(flags)
 
 
@@ -800,12 +912,13 @@ def test_table1_writes_its_outputs_and_every_objective_samples(tiny_table):
     out, _, metrics = tiny_table
     npz = np.load(out / "table1.npz")
     assert npz["data"].shape == (500, 2)
-    for name in [*B.OBJECTIVES, "shortcut_OT"]:
+    for name in [*B.OBJECTIVES, "shortcut_robust_loss"]:
         assert (out / f"{name}.pt").exists()
         for n in (1, 2, 4, 8, 128):
             assert npz[f"{name}_{n}"].shape == (500, 2) and np.isfinite(npz[f"{name}_{n}"]).all(), (name, n)
     md = (out / "table1.md").read_text()
-    assert all(f"| {name} |" in md for name in [*B.OBJECTIVES, "shortcut + OT"])
+    assert all(f"| {name} |" in md for name in [*B.OBJECTIVES, "shortcut, robust loss", "AMED on flow"])
+    assert all(npz[f"AMED_on_flow_{n}"].shape == (500, 2) for n in (2, 4, 8, 128)) and "AMED_on_flow_1" not in npz
     assert (out / "table1.png").stat().st_size > 0
     assert metrics["seeds"] == [0] and 0 <= metrics["off_mode"]["shortcut"][1] <= 1
     assert metrics["exact_error"]["diffusion"] is None
@@ -818,13 +931,13 @@ def test_reuse_reloads_a_model_only_when_its_whole_record_matches(tiny_table, ca
     """An OT-paired model saved as shortcut.pt once stood as the plain shortcut row: now the
     record tells them apart, and only that row is trained again."""
     out, flags, metrics = tiny_table
-    ot_run, ot_model, seconds = toy.load_model(out / "shortcut_OT.pt")
-    toy.save_model(out / "shortcut.pt", ot_run, ot_model, seconds)
+    other_run, other_model, seconds = toy.load_model(out / "shortcut_robust_loss.pt")
+    toy.save_model(out / "shortcut.pt", dataclasses.replace(other_run, pair="ot"), other_model, seconds)
     capsys.readouterr()
     again = toy.main(flags + ["--reuse"])
     said = capsys.readouterr().out
     assert "shortcut.pt was trained with other settings" in said and said.count("step ") == 1
-    assert toy.load_model(out / "shortcut.pt")[0].pair == "independent"
+    assert toy.load_model(out / "shortcut.pt")[0] == toy.record(toy.parse_args(flags))
     for row in metrics["train_seconds"]:                     # the reloaded rows measure the same
         assert again["off_mode"][row] == metrics["off_mode"][row], row
 
@@ -848,9 +961,9 @@ def test_toy_script_writes_its_outputs(tmp_path):
 
 @slow
 def test_toy_teacher_must_be_a_flow_model_of_the_same_data_and_network(tmp_path, capsys):
-    base = ["--steps", "5", "--width", "16", "--n-samples", "200", "--log-every", "100"]
+    base = ["--steps", "5", "--width", "16", "--n-samples", "200"]
     toy.main(base + ["--no-baseline", "--out", str(tmp_path / "a")])                  # a shortcut model
-    toy.main(base + ["--objective", "flow", "--dataset", "moons", "--out", str(tmp_path / "m")])
+    toy.main(base + ["--objective", "flow", "--dataset", "mixture", "--out", str(tmp_path / "m")])
     old = tmp_path / "old.pt"
     torch.save({"model": S.MLP(width=16).state_dict(), "width": 16}, old)           # an old format
     nan = tmp_path / "nan.pt"
@@ -858,9 +971,9 @@ def test_toy_teacher_must_be_a_flow_model_of_the_same_data_and_network(tmp_path,
     torch.nn.init.constant_(model.out[1].weight, float("nan"))
     toy.save_model(nan, dataclasses.replace(run, dataset="ring"), model, 1.0)
     cases = [(["--table1", "--teacher", str(tmp_path / "a" / "shortcut.pt")], "must be a flow-matching model"),
-             (["--objective", "reflow", "--teacher", str(tmp_path / "m" / "flow.pt")], "its record says flow on moons"),
+             (["--objective", "reflow", "--teacher", str(tmp_path / "m" / "flow.pt")], "its record says flow on mixture"),
              (["--objective", "reflow", "--teacher", str(tmp_path / "m" / "flow.pt"), "--width", "32",
-               "--dataset", "moons"], "MLP 32x3"),
+               "--dataset", "mixture"], "MLP 32x3"),
              (["--objective", "reflow", "--teacher", str(old)], "is not a toy checkpoint"),
              (["--objective", "reflow", "--teacher", str(nan)], "non-finite")]
     for i, (flags, message) in enumerate(cases):
@@ -1048,7 +1161,7 @@ def test_broken_caches_are_rebuilt(tmp_path, capsys):
 ################################################################################
 
 TINY = ["--model", "tiny", "--batch-size", "16", "--n-samples", "20", "--eval-steps", "1,2",
-        "--log-every", "100", "--device", "cpu"]
+        "--log-every", "100", "--device", "cpu", "--amed-iters", "0"]
 
 
 def weights(path):
@@ -1138,7 +1251,8 @@ def test_sample_only_samples_with_the_checkpoints_objective(tmp_path, data_dir):
 def test_a_teacher_must_be_a_finished_flow_run_of_the_same_data_and_model(tmp_path, data_dir, capsys):
     common = TINY + ["--steps", "2", "--data-dir", data_dir]
     flow, shortcut = tmp_path / "flow", tmp_path / "shortcut"
-    ti.main(common + ["--objective", "flow", "--out", str(flow)])
+    metrics = ti.main(common + ["--objective", "flow", "--out", str(flow), "--amed-iters", "2"])
+    assert {"flow_1", "amed_2", "amed_4", "amed_8"} <= set(metrics)          # a flow run is also sampled by AMED
     ti.main(common + ["--out", str(shortcut)])
     state = weights(flow / "checkpoint.pt")
     unfinished, nan, broken = tmp_path / "unfinished.pt", tmp_path / "nan.pt", tmp_path / "broken.pt"
@@ -1313,10 +1427,10 @@ def test_cifar_run_without_an_inception_network_says_so(tmp_path, data_dir, caps
 @pytest.mark.parametrize("script,sig", [("train_images.py", signal.SIGTERM), ("train_toy.py", signal.SIGINT)])
 def test_ctrl_c_and_sigterm_stop_after_saving(tmp_path, data_dir, script, sig):
     out = tmp_path / "run"
-    flags = [*TINY, "--data-dir", data_dir, "--save-every", "100000"] if script == "train_images.py" else \
-        ["--width", "16", "--table1"]
-    proc = subprocess.Popen([sys.executable, script, *flags, "--steps", "100000", "--log-every", "0.2",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = [*TINY, "--data-dir", data_dir, "--save-every", "100000", "--log-every", "0.2"] \
+        if script == "train_images.py" else ["--width", "16", "--table1"]
+    proc = subprocess.Popen([sys.executable, script, *flags, "--steps", "100000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:               # wait until training runs
         if "step" in line and "/100000" in line:
             break

@@ -14,6 +14,10 @@ and refuses a flag that contradicts it. Writes to --out: checkpoint.pt (every --
 steps, at the end, and on Ctrl-C or SIGTERM), grid_N.png and steps.png (a column per N, from
 the same noise), samples.npz and metrics.json. Sampling uses the EMA weights and the
 objective's own sampler. The data and the measures are in images.py; --benchmark is bench.py.
+
+--batch-size is the global batch: under torchrun each of P processes draws batch/P rows with a
+seed of its own and builds the targets of its own rows, as DiT does, and DDP averages the
+gradients. Label dropout reaches the bootstrap rows too; the official code keeps their labels.
 """
 import argparse
 import contextlib
@@ -28,11 +32,11 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from baselines import OBJECTIVES, make_targets, new_stage, objective, options_of
+from baselines import OBJECTIVES, defaults, make_targets, new_stage, objective, options_of, stage
 from images import DATA, NO_FID, DigitsJudge, evaluate, fid_backend, get_batch, load_dataset
-from shortcut import (DIT_SIZES, BOOTSTRAP_LEVELS, DiT, Interrupted, Parser, TrainingDiverged, UserError, add_settings, as_count,
-                      as_positive, as_seed, as_share, checked, claim, cli, dit_config, ema_update, errors, pick_device,
-                      setting, step_sizes, stop_requests, write_atomic)
+from shortcut import (BOOTSTRAP_LEVELS, DIT_SIZES, DiT, Interrupted, Parser, TrainingDiverged, UserError, add_settings,
+                      as_count, as_positive, as_power, as_seed, as_share, checked, claim, cli, dit_config, ema_update,
+                      errors, loss_of, pick_device, setting, step_sizes, stop_requests, write_atomic)
 
 
 ################################################################################
@@ -73,6 +77,10 @@ class Run:
     label_dropout: float = setting(0.1, "probability of replacing a label by the null class (default: 0.1)",
                                    type=as_share)
     seed: int = setting(0, "random seed (default: 0)", type=as_seed)
+    loss_power: float = setting(None, "p of the robust loss of shortcut.loss_of; 0 is the MSE (default: the "
+                                "objective's own: 0, and 1 for meanflow)", type=as_power)
+    t_scale: float = setting(None, "the scale of t before its embedding (default: the objective's, 1000 or 1)",
+                             type=as_positive)
     teacher: "Run | None" = None
 
     @staticmethod
@@ -122,7 +130,11 @@ def parse_args(argv=None):
     a("--n-samples", type=checked(int, lambda v: v >= 2, "at least 2 (the metrics fit a covariance)"),
       help="samples per step count for the metrics (default: 1000 for digits, 10000 otherwise)")
     a("--eval-batch-size", type=as_count, default=1000, help="batch size when sampling (default: 1000)")
-    a("--cfg-scale", type=checked(float, math.isfinite, "a finite number"), default=1.0, help="classifier-free guidance scale at sampling; 1 is none")
+    a("--amed-iters", type=checked(int, lambda v: v >= 0, "0 or more"), default=400,
+      help="for a flow-matching run: steps that fit AMED's step predictor, which then samples at 2, 4 and 8 "
+      "evaluations (default: 400; 0: no AMED)")
+    a("--cfg-scale", type=checked(float, math.isfinite, "a finite number"), default=1.0,
+      help="classifier-free guidance scale at sampling; 1 is none (default: 1)")
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     a("--compile", action="store_true", help="torch.compile the model for training and sampling (CUDA)")
     a("--log-every", type=checked(float, lambda v: v >= 0, "0 or more"), default=5.0,
@@ -130,7 +142,8 @@ def parse_args(argv=None):
     a("--benchmark", action="store_true", help="time a training step of every objective and sampling on random "
       "data of the dataset's shape, and print img/s, TFLOP/s and MFU (bench.py); trains and writes nothing")
     a("--bench-steps", type=as_count, default=20, help="timed steps in --benchmark (default: 20)")
-    a("--bench-warmup", type=checked(int, lambda v: v >= 0, "0 or more"), default=3, help="untimed steps before timing, 10 more with --compile")
+    a("--bench-warmup", type=checked(int, lambda v: v >= 0, "0 or more"), default=3,
+      help="untimed steps before timing, 10 more with --compile (default: 3)")
     args = p.parse_args(argv)
     if args.sample_only and not args.resume:
         raise UserError("--sample-only needs --resume PATH, the checkpoint to sample")
@@ -145,9 +158,11 @@ def parse_args(argv=None):
 
 def the_run(args):
     """The run record, from the flags or restored from --resume, and the checkpoint's state."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if "help" in f.metadata and hasattr(args, f.name)}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if "help" in f.metadata
+             and hasattr(args, f.name)}
     if args.resume is None:
-        run = Run(**{**DEFAULTS[given.get("dataset", "digits")], **given})
+        settings = {**DEFAULTS[given.get("dataset", "digits")], **given}
+        run = Run(**defaults(settings.get("objective", "shortcut"), **settings))
         if run.pair == "ot" and run.objective == "reflow":
             raise UserError("--pair ot does not apply to reflow, whose pairs come from its teacher")
         if objective(run.objective).two_phase and args.teacher is None and not args.benchmark:
@@ -177,7 +192,7 @@ def model_config(run):
     info = DATA[run.dataset]
     try:
         return dit_config(run.model, img_size=info.size, channels=info.channels, patch=run.patch,
-                          num_classes=info.classes)
+                          num_classes=info.classes, t_scale=run.t_scale)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -211,6 +226,9 @@ def load_teacher(path, run):
         raise UserError(f"--teacher {path!r} must be a finished flow-matching run of {run.dataset} with "
                         f"DiT-{run.model}/{run.patch}; its record says {t.objective} on {t.dataset} with "
                         f"DiT-{t.model}/{t.patch}, at step {state['step']} of {t.steps}")
+    if run.objective == "progressive-distillation" and t.t_scale != run.t_scale:
+        raise UserError(f"progressive distillation starts as its teacher, so it needs the teacher's --t-scale "
+                        f"{t.t_scale:g}, not {run.t_scale:g}")
     return state
 
 
@@ -301,7 +319,7 @@ def main(argv=None):
         opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                 fused=device.type in ("cuda", "cpu"))
         two_phase = objective(run.objective).two_phase
-        teacher = copy.deepcopy(model).requires_grad_(False).eval() if two_phase else None
+        teacher = DiT(model_config(run.teacher)).to(device).requires_grad_(False).eval() if two_phase else None
         start = state["step"] if state else 0
         try:
             if taught is not None:
@@ -331,8 +349,8 @@ def main(argv=None):
 
         # The loop. A builder of baselines.py draws the queries and targets; the network regresses them.
         net = torch.compile(model) if args.compile else model
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else net
+        cuda_ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=cuda_ids) if world > 1 else net
         options = options_of(run.objective, dataclasses.asdict(run))
         builds_targets = teacher if two_phase else ema if run.ema_teacher else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -344,10 +362,10 @@ def main(argv=None):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, run)
                 with autocast:
-                    # the curricula move in BOOTSTRAP_LEVELS stages; the stage's start keeps a compiled graph fixed
+                    # the curricula move in stages: the stage's start keeps a compiled graph fixed
                     tg = make_targets(run.objective, net, x1, y, teacher=builds_targets,
-                                      progress=math.floor(step / run.steps * BOOTSTRAP_LEVELS) / BOOTSTRAP_LEVELS, **options)
-                    loss = errors(ddp, tg).mean()
+                                      progress=stage(step / run.steps) / BOOTSTRAP_LEVELS, **options)
+                    loss = loss_of(errors(ddp, tg), tg, run.loss_power)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)

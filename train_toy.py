@@ -7,10 +7,9 @@
 
 Trains a model by --objective (default: shortcut) and a flow-matching baseline with the same
 network, budget and seed, samples both with 1 to 128 steps from the same noise, and writes to
---out: toy.md (the measures), toy.json, toy.npz (the samples), toy.png (a row per model and a
-column per step count), trajectories.png, losses.png, exact.png (for a Gaussian mixture, the
-learned shortcut against the exact jump (Phi_{t->t+d}(x) - x)/d) and NAME.pt (each model with
-its record). --table1 and --sweep write table1.* and sweep.* instead.
+--out: toy.md (the measures), toy.json, toy.npz (the samples), toy.png, trajectories.png,
+losses.png, exact.png (against the true flow of a Gaussian mixture) and a checkpoint per model
+with its record. --table1 and --sweep write table1.* and sweep.* instead.
 """
 import argparse
 import copy
@@ -27,8 +26,8 @@ import numpy as np
 import torch
 
 import baselines as B
-from shortcut import (MAX_STEPS, MLP, Interrupted, Parser, TrainingDiverged, UserError, add_settings, as_count, as_positive,
-                      as_seed, as_share, checked, claim, cli, ema_update, pick_device, regress, sample, setting,
+from shortcut import (MAX_STEPS, MLP, Interrupted, Parser, TrainingDiverged, UserError, add_settings, as_count,
+                      as_positive, as_power, as_seed, as_share, claim, cli, ema_update, regress, sample, setting,
                       stop_requests, write_atomic)
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -54,17 +53,17 @@ class GaussianMixture:
         self.lam, self.U = torch.linalg.eigh(self.cov)                  # (K, D), (K, D, D)
 
     def sample(self, n, rng):
-        k = rng.choice(len(self.pi), size=n, p=self.pi.numpy())
-        L = np.linalg.cholesky(self.cov.numpy())
-        z = rng.standard_normal((n, self.mu.shape[1]))
-        return self.mu.numpy()[k] + np.einsum("nij,nj->ni", L[k], z)
+        k, z = rng.choice(len(self.pi), size=n, p=self.pi.numpy()), rng.standard_normal((n, self.mu.shape[1]))
+        return self.mu.numpy()[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(self.cov.numpy())[k], z)
+
+    def mahalanobis(self, x):
+        """Squared Mahalanobis distances (n, K) of points x (n, D) from each component."""
+        r = torch.as_tensor(np.asarray(x), dtype=torch.float64)[:, None] - self.mu
+        return ((r[..., None, :] @ self.U)[..., 0, :] ** 2 / self.lam).sum(-1)
 
     def velocity(self, x, t):
-        """v(x, t) for x (B, D) and t (B,), in float64.
-
-        With Sigma_k = U diag(lam) U^T, C_k is diagonal in the same basis, so the solve
-        and the log-determinant are elementwise there.
-        """
+        """v(x, t) for x (B, D) and t (B,), in float64. With Sigma_k = U diag(lam) U^T, C_k is
+        diagonal in the same basis, so the solve and the log-determinant are elementwise there."""
         t = t.double()[:, None, None]                                   # (B, 1, 1)
         r = x.double()[:, None] - t * self.mu                           # (B, K, D)
         r_u = (r[..., None, :] @ self.U)[..., 0, :]                     # U^T r
@@ -99,10 +98,19 @@ def skewed_mixture():
     def cov(sx, sy, angle):
         R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         return R @ np.diag([sx ** 2, sy ** 2]) @ R.T
-    return GaussianMixture([0.4, 0.3, 0.2, 0.1],
-                           [[-1.0, -0.6], [1.0, 1.0], [1.1, -1.2], [-1.2, 1.3]],
-                           [cov(0.5, 0.12, 0.6), cov(0.3, 0.3, 0.0), cov(0.4, 0.1, -1.0),
-                            cov(0.15, 0.15, 0.0)])
+    return GaussianMixture([0.4, 0.3, 0.2, 0.1], [[-1.0, -0.6], [1.0, 1.0], [1.1, -1.2], [-1.2, 1.3]],
+                           [cov(0.5, 0.12, 0.6), cov(0.3, 0.3, 0.0), cov(0.4, 0.1, -1.0), cov(0.15, 0.15, 0.0)])
+
+
+@functools.lru_cache(maxsize=None)
+def mixture_paths(dataset, n=512):
+    """n noise points carried along the exact flow of a named mixture by fine RK4, at every
+    multiple of 1/128: (129, n, 2), once per process. They follow the true marginals p_t."""
+    gm, x = MIXTURES[dataset](), torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    path = [x]
+    for i in range(MAX_STEPS):
+        path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
+    return torch.stack(path)
 
 
 ################################################################################
@@ -110,72 +118,46 @@ def skewed_mixture():
 ################################################################################
 
 def sample_data(name, n, rng):
-    """n points (float32, roughly unit scale) of a named 2-D dataset."""
-    seed = int(rng.integers(2 ** 31))
-    if name in MIXTURES:
-        return MIXTURES[name]().sample(n, rng).astype(np.float32)
-    if name == "moons":
-        from sklearn.datasets import make_moons
-        x = make_moons(n, noise=0.05, random_state=seed)[0]
-        return ((x - [0.5, 0.25]) / [0.87, 0.5] * 0.8).astype(np.float32)
-    if name == "swissroll":
-        from sklearn.datasets import make_swiss_roll
-        x = make_swiss_roll(n, noise=0.3, random_state=seed)[0][:, [0, 2]]
-        return (x / 7.0).astype(np.float32)
-    if name == "checkerboard":      # the 8 cells of a 4x4 board whose row + column is even
-        x = rng.uniform(-2, 2, size=(n, 2))
-        x[:, 1] = rng.uniform(0, 1, size=n) + 2 * rng.integers(-1, 1, size=n) + np.floor(x[:, 0]) % 2
-        return (x * 0.7).astype(np.float32)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    """n points (float32) of a named mixture: `ring` (8 Gaussians) or `mixture` (4 skewed ones)."""
+    return MIXTURES[name]().sample(n, rng).astype(np.float32)
 
 
 MIXTURES = {"ring": ring, "mixture": skewed_mixture}
-DATASETS = list(MIXTURES) + ["moons", "swissroll", "checkerboard"]
 
 
 def sliced_w2(a, b, n_proj=512, seed=0):
     """Sliced Wasserstein-2 distance between two equal-sized point clouds."""
-    g = np.random.default_rng(seed)
-    theta = g.standard_normal((a.shape[1], n_proj))
+    theta = np.random.default_rng(seed).standard_normal((a.shape[1], n_proj))
     theta /= np.linalg.norm(theta, axis=0)
-    pa, pb = np.sort(a @ theta, axis=0), np.sort(b @ theta, axis=0)
-    return float(np.sqrt(((pa - pb) ** 2).mean()))
+    return float(np.sqrt(((np.sort(a @ theta, axis=0) - np.sort(b @ theta, axis=0)) ** 2).mean()))
 
 
 def off_mode_fraction(x, gm, k=3.0):
     """The share of points more than k sigma (in Mahalanobis distance) from every component of
     a mixture: the smear between modes that sliced W2 hardly sees. In 2-D, fresh data scores
     exp(-k^2/2), 1.1% for k = 3. A non-finite point is off every mode."""
-    r = torch.as_tensor(np.asarray(x), dtype=torch.float64)[:, None] - gm.mu          # (n, K, D)
-    r_u = (r[..., None, :] @ gm.U)[..., 0, :]                                         # U^T r
-    return float((~((r_u ** 2 / gm.lam).sum(-1).min(1).values <= k * k)).double().mean())
+    return float((~(gm.mahalanobis(x).min(1).values <= k * k)).double().mean())
 
 
-@functools.lru_cache(maxsize=None)
-def mixture_paths(dataset):
-    """true_paths of a named mixture, computed once per process (a few seconds)."""
-    return true_paths(MIXTURES[dataset]())
-
-
-def true_paths(gm, n=512, seed=0):
-    """n noise points carried along the exact flow by fine RK4, recorded at every multiple
-    of 1/128: (129, n, 2). Points on true paths follow the true marginals p_t."""
-    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    path = [x]
-    for i in range(MAX_STEPS):
-        path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
-    return torch.stack(path)
+def spread(x, gm):
+    """How wide the samples lie within their modes, which the off-mode share cannot see: each finite
+    sample joins its nearest component, whose sample covariance C is compared with the true one by
+    tr(Sigma^-1 C) / D, averaged over the components that drew 10 samples or more. Fresh data
+    scores 1, samples shrunk towards their modes by 1/2 score 1/4, a smear more than 1."""
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    x = x[torch.isfinite(x).all(1)]
+    nearest = gm.mahalanobis(x).argmin(1)
+    ratios = [torch.trace(torch.linalg.solve(gm.cov[k], torch.cov(x[nearest == k].T))) / x.shape[1]
+              for k in range(len(gm.mu)) if (nearest == k).sum() >= 10]
+    return float(torch.stack(ratios).mean()) if ratios else float("nan")
 
 
 @torch.no_grad()
 def exact_errors(model, path, told="step"):
-    """RMS error of s(x_t, t, d) against the exact jump (x_{t+d} - x_t)/d, for each d = 1/N.
-
-    The pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... along the true paths give inputs and exact
-    jumps for every d at once. told is the d the network is told (baselines.Objective.told):
-    "0" queries the velocity (a flow model's only answer); "1 - t" compares the jump to the end,
-    (x_1 - x_t)/(1 - t), at the same points.
-    """
+    """RMS error of s(x_t, t, d) against the exact jump (x_{t+d} - x_t)/d, for each d = 1/N, from
+    the pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... along the true paths. told is the d the network
+    is told (baselines.Objective.told): "0" queries the velocity, a flow model's only answer;
+    "1 - t" compares the jump to the end, (x_1 - x_t)/(1 - t), at the same points."""
     n, errors = path.shape[1], {}
     for n_steps in STEP_COUNTS:
         stride, d = MAX_STEPS // n_steps, 1.0 / n_steps
@@ -191,27 +173,26 @@ def exact_errors(model, path, told="step"):
 
 
 def evaluate(models, x0, data, data_b, gm, path, seed=0):
-    """Samples of each model (name -> (objective, model)) at every N from the same noise x0, each
-    by its objective's sampler with its fresh noise seeded alike, and their measures at every N:
-    sliced W2 to fresh data and, for mixtures, the off-mode share and the RMS error of s against
-    the exact jump (None for diffusion, whose cosine path has another flow map)."""
+    """Samples of each model (name -> (objective or "amed", model)) from the same noise x0, its
+    sampler's fresh noise seeded alike, keyed by network evaluations (NFE: the steps, twice them
+    for AMED), and their measures at every NFE: the off-mode share, the spread, sliced W2 and the
+    exact error (None for AMED and for diffusion, whose flow map differs)."""
     samples = {}
-    for name, (obj, model) in models.items():
+    for name, (kind, model) in models.items():
+        sampler, nfe = (B.sample_amed, 2) if kind == "amed" else (B.objective(kind).sample, 1)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            samples[name] = {n: B.objective(obj).sample(model, x0, n).numpy() for n in STEP_COUNTS}
+            samples[name] = {nfe * n: sampler(model, x0, n).numpy() for n in STEP_COUNTS if nfe * n <= MAX_STEPS}
         bad = {n: int((~np.isfinite(x).all(1)).sum()) for n, x in samples[name].items()}
         if any(bad.values()):
             print(f"note: {name} gave non-finite samples, counted as off-mode: "
                   + ", ".join(f"{k} of {len(x0)} at {n} steps" for n, k in bad.items() if k))
-    measures = {"sliced_w2": (lambda x: sliced_w2(x, data), sliced_w2(data_b, data))}
-    if gm is not None:
-        measures["off_mode"] = (lambda x: off_mode_fraction(x, gm), off_mode_fraction(data_b, gm))
-    metrics = {key: {"data": ref, **{name: {n: f(x) for n, x in per_n.items()} for name, per_n in samples.items()}}
-               for key, (f, ref) in measures.items()}
-    if gm is not None:
-        metrics["exact_error"] = {name: None if obj == "diffusion" else exact_errors(model, path, B.objective(obj).told)
-                                  for name, (obj, model) in models.items()}
+    measures = {"off_mode": lambda x: off_mode_fraction(x, gm), "spread": lambda x: spread(x, gm),
+                "sliced_w2": lambda x: sliced_w2(x, data)}
+    metrics = {key: {"data": f(data_b), **{name: {n: f(x) for n, x in s.items()} for name, s in samples.items()}}
+               for key, f in measures.items()}
+    metrics["exact_error"] = {name: None if kind in ("amed", "diffusion") else
+                              exact_errors(m, path, B.objective(kind).told) for name, (kind, m) in models.items()}
     return samples, metrics
 
 
@@ -224,33 +205,32 @@ class Run:
     """Every setting that defines a toy model, each with its flag. A model's checkpoint holds its
     record, so that --reuse reloads a model only when the whole record matches; a two-phase
     model holds the record of its teacher too."""
-    dataset: str = setting("ring", "2-D data: ring (8 Gaussians, default), mixture (4 skewed Gaussians), moons, "
-                           "swissroll or checkerboard", choices=DATASETS)
-    objective: str = setting("shortcut", "what the model trains on (default: shortcut), see baselines.py; the "
-                             "two-phase objectives learn from a flow-matching teacher, trained first or --teacher",
-                             choices=list(B.OBJECTIVES))
-    pair: str = setting("independent", "how noise and data are paired in a batch: independently (default) or by "
-                        "minibatch optimal transport (not for reflow, paired by its teacher)",
+    dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
+    objective: str = setting("shortcut", "what the model trains on (default: shortcut)", choices=list(B.OBJECTIVES))
+    pair: str = setting("independent", "noise-data pairs: independent (default) or by minibatch optimal transport",
                         choices=["independent", "ot"])
     width: int = setting(128, "MLP width (default: 128)", type=as_count)
     depth: int = setting(3, "MLP residual blocks (default: 3)", type=as_count)
-    steps: int = setting(None, "training steps per model (default: 3000; 1200 with --table1)", type=as_count)
-    batch_size: int = setting(256, "batch size (default: 256)", type=as_count)
-    lr: float = setting(2e-3, "peak AdamW learning rate, cosine decay (default: 2e-3)", type=as_positive)
-    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets (default: 0.25)",
-                                    type=as_share)
+    steps: int = setting(None, "training steps per model (default: 4000; 1600 with --table1)", type=as_count)
+    batch_size: int = setting(512, "batch size (default: 512)", type=as_count)
+    lr: float = setting(4e-3, "peak AdamW learning rate, cosine decay (default: 4e-3)", type=as_positive)
+    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
     seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)", type=as_seed)
-    grounded: bool = setting(True, "exercise 3: drop the 2d = 1/64 targets, so the level d = 1/64 is never "
-                             "supervised", flag="--ungrounded", action="store_false")
-    stop_grad: bool = setting(True, "exercise 4: let gradients flow through the targets", flag="--no-stop-grad",
+    loss_power: float = setting(None, "p of the robust loss, shortcut.loss_of (default: the objective's)",
+                                type=as_power)
+    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_positive)
+    ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
+    times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
+    grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
+    stop_grad: bool = setting(True, "exercise 4: gradients through the targets", flag="--no-stop-grad",
                               action="store_false")
-    d_sampling: str = setting("dyadic", "exercise 6: dyadic, 2d in {1, ..., 1/64} and t on its grid (default); "
-                              "uniform, 2d ~ U[1/64, 1] and any t", choices=["dyadic", "uniform"])
-    ema_teacher: bool = setting(False, "exercise 8: build the targets with an EMA copy (the official default)")
-    ema_decay: float = setting(0.999, "the decay of --ema-teacher (default: 0.999)",
-                               type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
-    curriculum: bool = setting(True, "exercise 10: consistency training with the final step 1/64 from the start",
+    d_sampling: str = setting("dyadic", "exercise 6: 2d on the dyadic grid (default) or 2d ~ U[1/64, 1]",
+                              choices=["dyadic", "uniform"])
+    ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy, decay 0.999 (the official default)")
+    curriculum: bool = setting(True, "exercise 10: consistency training at the final step 1/64 from the start",
                                flag="--no-curriculum", action="store_false")
+    d_embed: str = setting("level", "exercise 14: d enters as its level log2(1/d) (default) or as the end time",
+                           choices=["level", "end"])
     teacher: "Run | None" = None
 
     @staticmethod
@@ -259,20 +239,23 @@ class Run:
 
 
 def record(args, **changes):
-    """The Run of the flags, with some fields changed (a Table 1 row's objective, say)."""
-    return Run(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"},
-                  **changes})
+    """The Run of the flags, some fields changed, and the objective's loss power and t scale if open."""
+    settings = {**{f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"}, **changes}
+    return Run(**B.defaults(settings["objective"], **settings))
 
 
-def train(run, data, device, teacher=None, track=None, log_every=3.0, stop=(), label=None):
-    """Trains one MLP by its record; returns it and its log (losses per step, seconds, and the
-    exact errors every --track-exact steps when `track` is given). teacher: the flow-matching
+def train(run, data, teacher=None, track=None, stop=(), label=None):
+    """Trains one MLP by its record; returns it and its log (the loss parts per step, seconds, and
+    with `track` = (K, f) the exact errors f(model) every K steps). teacher: the flow-matching
     model of a two-phase objective. The learning rate decays to 0, so the model itself is
     sampled; --ema-teacher keeps an EMA only to build the targets."""
     torch.manual_seed(run.seed)
     label, two_phase = label or run.objective, B.objective(run.objective).two_phase
-    model = MLP(width=run.width, depth=run.depth).to(device)
+    model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
     if run.objective == "progressive-distillation":       # the student starts as its teacher, which then changes
+        if teacher.cond.t_emb.scale != run.t_scale:
+            raise UserError(f"progressive distillation starts as its teacher: use its --t-scale "
+                            f"{teacher.cond.t_emb.scale:g}")
         model.load_state_dict(teacher.state_dict())
         teacher = copy.deepcopy(teacher)
     elif run.ema_teacher and not two_phase:
@@ -280,21 +263,19 @@ def train(run, data, device, teacher=None, track=None, log_every=3.0, stop=(), l
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / run.steps)))
-    options = B.options_of(run.objective, dataclasses.asdict(run))
-    data = torch.as_tensor(data, device=device)
-    log = {"fm": [], "sc": [], "exact": {}}
-    t0 = last = time.time()
+    options, data = B.options_of(run.objective, dataclasses.asdict(run)), torch.as_tensor(data)
+    log, t0, last = {"fm": [], "sc": [], "exact": {}}, time.time(), 0.0
     for step in range(run.steps):
-        x1 = data[torch.randint(len(data), (run.batch_size,), device=device)]
+        x1 = data[torch.randint(len(data), (run.batch_size,))]
         progress = step / run.steps
-        loss, info = regress(model, B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress,
-                                                   **options))
+        tg = B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress, **options)
+        loss, info = regress(model, tg, run.loss_power)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if run.ema_teacher and not two_phase:
-            ema_update(teacher, model, run.ema_decay)
+            ema_update(teacher, model, 0.999)
         if B.new_stage(run.objective, progress, (step + 1) / run.steps):
             teacher.load_state_dict(model.state_dict())
         if not math.isfinite(loss.item()):
@@ -303,12 +284,10 @@ def train(run, data, device, teacher=None, track=None, log_every=3.0, stop=(), l
         log["sc"].append(info["sc"])
         if track is not None and ((step + 1) % track[0] == 0 or step == 0):
             log["exact"][step + 1] = track[1](model)
-        now = time.time()
-        if now - last > log_every or step + 1 == run.steps:
-            rate = (step + 1) / (now - t0)
+        if time.time() - last > 3 or step + 1 == run.steps:
+            rate, last = (step + 1) / (time.time() - t0), time.time()
             print(f"  {label:24s} step {step + 1:6d}/{run.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
                   f"  {rate:6.0f} it/s  ETA {(run.steps - step - 1) / rate:5.1f}s", flush=True)
-            last = now
         if stop:
             raise Interrupted(f"{stop[0]}: stopped {label} at step {step + 1}; the models trained before it are "
                               "saved in --out, and --reuse reloads them", stop[0])
@@ -317,17 +296,16 @@ def train(run, data, device, teacher=None, track=None, log_every=3.0, stop=(), l
 
 
 def save_model(path, run, model, seconds):
-    state = {"run": dataclasses.asdict(run), "model": model.state_dict(), "seconds": seconds}
-    write_atomic(path, lambda f: torch.save(state, f))
+    write_atomic(path, lambda f: torch.save({"run": dataclasses.asdict(run), "model": model.state_dict(),
+                                             "seconds": seconds}, f))
 
 
 def load_model(path):
-    """(record, model, training seconds) of a toy checkpoint; UserError unless it is one, with
-    finite weights."""
+    """(record, model, training seconds) of a toy checkpoint; UserError unless it is whole and finite."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         run = Run.load(state["run"])
-        model = MLP(width=run.width, depth=run.depth)
+        model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
         model.load_state_dict(state["model"])
         seconds = float(state["seconds"])
     except Exception as e:
@@ -338,27 +316,27 @@ def load_model(path):
 
 
 def obtain(args, run, name, train_data, teacher=None, track=None):
-    """The model of record `run`: with --reuse, --out/NAME.pt when it holds that same record,
-    else trained and saved there. Returns the model and its training log (None if reloaded)."""
+    """The model of record `run` and its training log: with --reuse, reloaded from --out/NAME.pt
+    when that holds the same record, else trained and saved there."""
     path = os.path.join(args.out, f"{name}.pt")
     if args.reuse and os.path.isfile(path):
         try:
             saved, model, seconds = load_model(path)
             if saved == run:
-                return model, {"seconds": seconds, "reused": True}
+                return model, {"seconds": seconds}
             print(f"  {path} was trained with other settings: training {name} again")
         except UserError as e:
             print(f"  cannot reuse it ({e}): training {name} again")
-    model, log = train(run, train_data, args.device, teacher, track, args.log_every, args.stop, name)
+    model, log = train(run, train_data, teacher, track, args.stop, name)
     save_model(path, run, model, log["seconds"])
     return model, log
 
 
-def flow_teacher(args, base, train_data, seed):
-    """The flow-matching teacher of the two-phase objectives, as (record, model, log): --teacher,
+def flow_teacher(args, train_data, seed):
+    """The flow-matching teacher of the two-phase objectives as (record, model, log): --teacher,
     checked to be a flow model of the same data and network, or trained now (flow.pt)."""
     if args.teacher is None:
-        run = dataclasses.replace(base, objective="flow", pair="independent")
+        run = record(args, seed=seed, **FLOW)
         return (run, *obtain(args, run, "flow" + f"_seed{seed}" * (seed != args.seed), train_data))
     run, model, seconds = load_model(args.teacher)
     if run.objective != "flow" or (run.dataset, run.width, run.depth) != (args.dataset, args.width, args.depth):
@@ -379,22 +357,20 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def save_json(path, obj):
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def plot_samples(path, data, samples, counts, off=None, paths=None):
     """A row per model and a column per step count, over the data in grey: the samples, or with
     `paths` (N+1, n, 2) their first 250 paths from the noise; the last column is the data alone."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
-    rows = list(samples)
+    rows, lim = list(samples), np.abs(data).max() * 1.15 if paths is None else 3.0    # 3: where the noise starts
     fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.3 * (len(counts) + 1), 2.3 * len(rows)),
                              squeeze=False)
-    lim = np.abs(data).max() * 1.15 if paths is None else 3.0       # wide enough to show where the noise starts
     for r, model in enumerate(rows):
         for c, n in enumerate(counts + ["data"]):
             ax, color = axes[r, c], f"C{r % 10}"
+            if n != "data" and n not in samples[model]:      # AMED takes 2 evaluations a step
+                ax.set_axis_off()
+                continue
             ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="k" if n == "data" else "0.85")
             if n != "data" and paths is not None:
                 ax.add_collection(LineCollection(paths[model][n][:, :250].transpose(1, 0, 2), lw=0.5, alpha=0.5,
@@ -411,23 +387,29 @@ def plot_samples(path, data, samples, counts, off=None, paths=None):
     save_figure(fig, path)
 
 
-def plot_exact(path, errors, models, one_step, n_points=300):
+def plot_exact(path, errors, models, one_step, history=None, n_points=300):
+    """Against the exact flow: each model's error at every d, its one-step jumps against
+    Phi_{0->1}, and with --track-exact the first model's errors during training."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
-    fig, axes = plt.subplots(1, 1 + len(models), figsize=(13, 4))
-    ax = axes[0]
+    fig, axes = plt.subplots(1, 1 + len(models) + bool(history), figsize=(4.3 * (1 + len(models) + bool(history)), 4))
     for name, errs in errors.items():
-        ax.plot(list(errs), list(errs.values()), "o-", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="step size d", ylabel="RMS error of s(x_t, t, d)",
-           title="learned vs exact shortcut (Phi(x)-x)/d")
-    ax.set_xticks(STEP_COUNTS, [f"1/{n}" for n in STEP_COUNTS])
-    ax.legend()
+        if errs is not None:             # diffusion's cosine path has another flow map
+            axes[0].plot(STEP_COUNTS, [errs[n] for n in STEP_COUNTS], "o-", label=name)
+    axes[0].set(xscale="log", yscale="log", xlabel="step size d", ylabel="RMS error against the exact jump")
+    axes[0].set_xticks(STEP_COUNTS, [f"1/{n}" for n in STEP_COUNTS])
+    axes[0].legend(fontsize=7)
+    if history:
+        for i, n in enumerate(STEP_COUNTS):
+            axes[-1].plot(list(history), [h[n] for h in history.values()], color=plt.cm.viridis(i / 7),
+                          label=f"d = 1/{n}")
+        axes[-1].set(yscale="log", xlabel="training step", title="the errors during training")
+        axes[-1].legend(fontsize=7, ncol=2)
     x0, exact = one_step[0][:n_points], one_step[1][:n_points]
-    for i, (ax, name) in enumerate(zip(axes[1:], models)):
+    for i, (ax, name) in enumerate(zip(axes[1:1 + len(models)], models)):
         obj, model = models[name]
         with torch.no_grad():
-            d = torch.full((len(x0),), 0.0 if B.objective(obj).told == "0" else 1.0)
-            jump = x0 + model(x0, torch.zeros(len(x0)), d)
+            jump = x0 + model(x0, torch.zeros(len(x0)), torch.full((len(x0),), float(B.objective(obj).told != "0")))
         ax.add_collection(LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
         ax.scatter(*exact.T, s=4, color="0.5", label="exact Phi_{0->1}(x0)")
         ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
@@ -437,37 +419,20 @@ def plot_exact(path, errors, models, one_step, n_points=300):
 
 
 def plot_losses(path, logs, window=50):
+    """The running mean of each part of the loss during training; symlog, so that 0 shows."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for i, (name, log) in enumerate(logs.items()):
-        for ax, part in zip(axes, ("fm", "sc")):
-            v = np.asarray(log[part])
-            window = min(window, max(1, len(v) // 5))
-            kernel = np.ones(window) / window
+    for ax, part, title in zip(axes, ("fm", "sc"), ("data rows (flow matching)", "bootstrap rows (self-consistency)")):
+        for i, (name, log) in enumerate(logs.items()):
+            v, w = np.asarray(log[part]), min(window, max(1, len(log[part]) // 5))
             if not np.isnan(v).all():      # an empty part is all nan; an all-zero one is drawn at 0
-                ax.plot(np.arange(window, len(v) + 1), np.convolve(v, kernel, "valid"), color=f"C{i}", label=name)
-    for ax, title in zip(axes, ("data rows (flow matching)", "bootstrap rows (self-consistency)")):
-        # symlog: logarithmic above 1e-4 and linear below, so a loss of exactly 0 shows
+                ax.plot(np.arange(w, len(v) + 1), np.convolve(v, np.ones(w) / w, "valid"), color=f"C{i}", label=name)
         ax.set(xlabel="training step", title=f"{title}, running mean")
         ax.set_yscale("symlog", linthresh=1e-4)
         if ax.lines:
-            ax.set_ylim(bottom=0)
             ax.legend()
         else:
             ax.text(0.5, 0.5, "no rows of this kind", ha="center", transform=ax.transAxes)
-    save_figure(fig, path)
-
-
-def plot_exact_training(path, history):
-    """The exact error of s(x_t, t, d) against training steps, one line per d."""
-    import matplotlib.pyplot as plt
-    steps = sorted(history)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, n in enumerate(STEP_COUNTS):
-        ax.plot(steps, [history[s][n] for s in steps], color=plt.cm.viridis(i / 7), label=f"d = 1/{n}")
-    ax.set(xlabel="training step", ylabel="RMS error vs exact jump", yscale="log",
-           title="learning the shortcut at each step size")
-    ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
 
@@ -481,36 +446,27 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--seeds", type=as_count, default=1, help="train every model with the seeds --seed, --seed + 1, ... and report "
       "the mean and the standard deviation of each measure over them (default: 1)")
-    a("--teacher", metavar="PATH", help="a toy checkpoint of a flow-matching model of the same data and network "
-      "(such as out/toy/flow.pt) to teach the two-phase objectives and stand as the flow row")
+    a("--teacher", metavar="PATH", help="a flow-matching toy checkpoint of the same data and network (such as "
+      "out/toy/flow.pt) to teach the two-phase objectives and stand as the flow row")
     a("--no-baseline", action="store_true", help="do not train the flow-matching baseline beside the model")
-    a("--table1", action="store_true", help="train every objective of the paper's Table 1 instead, with one shared "
-      "flow-matching teacher; writes table1.md, .json, .npz and .png")
-    a("--sweep", choices=["bootstrap-frac"], help="exercise 5: train shortcut models at bootstrap fractions 1/16, "
-      "1/8, 1/4 and 1/2 instead; writes sweep.md, .json, .npz and .png")
-    a("--reuse", action="store_true", help="reload each model from its checkpoint in --out instead of training it, "
-      "when the checkpoint's record matches the flags")
-    a("--track-exact", type=as_count, metavar="K", help="exercise 7: every K steps, measure the model's error "
-      "against the exact flow (mixtures) and draw exact_training.png")
+    a("--table1", action="store_true", help="train every objective of the paper's Table 1 instead")
+    a("--sweep", choices=["bootstrap-frac"], help="exercise 5: train at bootstrap fractions 1/16 .. 1/2 instead")
+    a("--reuse", action="store_true", help="reload each model from its checkpoint in --out when its record matches")
+    a("--track-exact", type=as_count, metavar="K", help="exercise 7: every K steps, measure the model against "
+      "the exact flow")
     a("--n-samples", type=as_count, help="samples per step count (default: 4000; 3000 with --table1)")
     a("--out", default="out/toy", help="output folder (default: out/toy)")
-    a("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu: the toy is too small to gain from a GPU)")
-    a("--log-every", type=float, default=3.0, help="seconds between progress lines (default: 3)")
     args = p.parse_args(argv)
-    args.steps = args.steps or (1200 if args.table1 else 3000)
+    args.steps = args.steps or (1600 if args.table1 else 4000)
     args.n_samples = args.n_samples or (3000 if args.table1 else 4000)
     if args.pair == "ot" and args.objective == "reflow":
         p.error("--pair ot does not apply to reflow, whose pairs come from its teacher")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as err:
-        p.error(f"--device: {err}")
     return args
 
 
 FLOW = dict(objective="flow", pair="independent")
-TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [("shortcut + OT", dict(objective="shortcut",
-                                                                                             pair="ot"))]
+TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [
+    ("shortcut, robust loss", dict(objective="shortcut", loss_power=0.5)), ("AMED on flow", None)]
 SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) for n in (16, 8, 4, 2)]
 
 
@@ -530,12 +486,7 @@ def compare(args, stem, rows, counts):
     and writes STEM.md (the tables), STEM.json, STEM.npz and STEM.png (the first seed's samples
     at `counts` steps); the usual run, stem 'toy', also draws the figures of its models."""
     start, seeds = time.time(), range(args.seed, args.seed + args.seeds)
-    gm = MIXTURES[args.dataset]() if args.dataset in MIXTURES else None
-    path = mixture_paths(args.dataset) if gm is not None else None
-    if args.track_exact and path is None:
-        print("--track-exact needs a Gaussian mixture (--dataset ring or mixture): skipped")
-    print(f"training on {args.dataset}: {len(rows)} models x {len(seeds)} seeds, {args.steps} steps of batch "
-          f"{args.batch_size}, device {args.device}")
+    gm, path = MIXTURES[args.dataset](), mixture_paths(args.dataset)
     first, *others = [replicate(args, rows, seed, gm, path) for seed in seeds]
     per_seed = [first[-1]] + [m[-1] for m in others]
     metrics = {"run": dataclasses.asdict(record(args)), "seeds": list(seeds),
@@ -549,34 +500,40 @@ def compare(args, stem, rows, counts):
                 f"{args.batch_size} per model (two-phase: plus their teacher's), seeds {list(seeds)}")
     print("\n" + md)
     write_atomic(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(md.encode()))
-    save_json(os.path.join(args.out, f"{stem}.json"), metrics)
+    write_atomic(os.path.join(args.out, f"{stem}.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     arrays = {"data": data, **{f"{file_name(k)}_{n}": x for k, per_n in samples.items() for n, x in per_n.items()}}
     write_atomic(os.path.join(args.out, f"{stem}.npz"), lambda f: np.savez_compressed(f, **arrays))
     plot_samples(os.path.join(args.out, f"{stem}.png"), data, samples, counts, per_seed[0].get("off_mode"))
-    print(f"\ndone in {time.time() - start:.1f}s; wrote {stem}.md, .json, .npz, .png and a checkpoint per model "
-          f"to {args.out}")
+    print(f"\ndone in {time.time() - start:.1f}s; wrote {stem}.md, .json, .npz, .png and checkpoints to {args.out}")
     return metrics
 
 
 def replicate(args, rows, seed, gm, path):
     """One seed of a comparison: its data, noise and models, their samples and their measures.
-    The flow-matching row is also the teacher of the two-phase rows."""
+    The flow-matching row is also the teacher of the two-phase rows and AMED's flow."""
     rng = np.random.default_rng(seed)
     train_data = sample_data(args.dataset, 100_000, rng)
     data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
-    base, teacher, models, logs = record(args, seed=seed), None, {}, {}
+    teacher, models, logs = None, {}, {}
     for i, (row, changes) in enumerate(rows):
-        run = dataclasses.replace(base, **changes)
+        run = record(args, seed=seed, **(FLOW if changes is None else changes))
         flow_row = run.objective == "flow" and run.pair == "independent"
         two_phase = B.objective(run.objective).two_phase
         if flow_row or two_phase:
-            teacher = teacher or flow_teacher(args, base, train_data, seed)
+            teacher = teacher or flow_teacher(args, train_data, seed)
+        if changes is None:           # AMED: the flow row, sampled by a learned solver
+            amed, t0 = B.AMED(teacher[1]), time.time()
+            with torch.random.fork_rng():         # its predictor trains as long as the models, up to 400 steps
+                torch.manual_seed(seed)
+                amed.fit(torch.randn(args.n_samples, 2), iters=min(400, args.steps))
+            models[row], logs[row] = ("amed", amed), {"seconds": time.time() - t0}
+            continue
         if flow_row:
             _, model, logs[row] = teacher
         else:
             track = (args.track_exact, lambda m: exact_errors(m, path)) \
-                if args.track_exact and path is not None and i == 0 and seed == args.seed else None
+                if args.track_exact and i == 0 and seed == args.seed else None
             model, logs[row] = obtain(args, dataclasses.replace(run, teacher=teacher[0] if two_phase else None),
                                       file_name(row) + f"_seed{seed}" * (seed != args.seed), train_data,
                                       teacher[1] if two_phase else None, track)
@@ -587,7 +544,7 @@ def replicate(args, rows, seed, gm, path):
 
 
 def file_name(row):
-    """A row's name as a file or key name: 'shortcut + OT' -> 'shortcut_OT'."""
+    """A row's name as a file or key name: 'shortcut, robust loss' -> 'shortcut_robust_loss'."""
     return re.sub(r"[^A-Za-z0-9-]+", "_", row)
 
 
@@ -599,8 +556,9 @@ def average(values):
 
 
 MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "{:.1%}"),
+            ("spread", "spread within the modes, tr(Sigma^-1 C) / D: 1 is the data's, below 1 too tight", "{:.2f}"),
             ("sliced_w2", "sliced W2 to fresh data", "{:.3f}"),
-            ("exact_error", "RMS error of s(x_t, t, 1/N) against the exact jump", "{:.3f}")]
+            ("exact_error", "RMS error of s(x_t, t, d) against the exact jump, d = 1/NFE", "{:.3f}")]
 
 
 def tables(metrics, counts, head):
@@ -610,35 +568,30 @@ def tables(metrics, counts, head):
     for key, title, fmt in (m for m in MEASURES if m[0] in metrics):
         ref = metrics[key].get("data")
         out += [title + (f" (data: {fmt.format(ref)})" if ref is not None else ""), "",
-                "| N | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
+                "| NFE | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
         for row in rows:
             mean = metrics[key][row]
-            cells = ["n/a" if mean is None else fmt.format(mean[n]) + (
+            cells = ["n/a" if mean is None or n not in mean else fmt.format(mean[n]) + (
                 f" ± {fmt.format(np.std([m[key][row][n] for m in metrics['per_seed']], ddof=1))}"
                 if "per_seed" in metrics else "") for n in counts]
-            out.append(f"| {row} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out + ["training seconds: " + ", ".join(f"{row} {metrics['train_seconds'][row]:.1f}"
-                                                            for row in rows)]) + "\n"
+            out += [f"| {row} | " + " | ".join(cells) + " |"]
+        out += [""]
+    seconds = ", ".join(f"{row} {metrics['train_seconds'][row]:.1f}" for row in rows)
+    return "\n".join(out + [f"training seconds: {seconds}"]) + "\n"
 
 
 def one_run_figures(args, models, logs, data, x0, path, errors):
-    """The usual run's figures of its models: sample paths, losses and, for mixtures, the errors
-    against the exact flow (and, with --track-exact, during training, returned for the record)."""
-    counts = [1, 4, 128]
+    """The usual run's figures: paths, losses and the errors against the exact flow (with
+    --track-exact, also during training: returned for the record)."""
+    counts, history = [1, 4, 128], next(iter(logs.values())).get("exact")
     paths = {k: {n: sample(m, x0, n, flow=B.objective(obj).told == "0", trajectory=True)[1].numpy() for n in counts}
              for k, (obj, m) in models.items() if B.objective(obj).told != "1 - t"}
     if paths:
-        plot_samples(os.path.join(args.out, "trajectories.png"), data, {k: {n: p[-1] for n, p in v.items()}
-                                                                        for k, v in paths.items()}, counts, paths=paths)
-    trained = {k: v for k, v in logs.items() if "fm" in v}
-    if trained:
-        plot_losses(os.path.join(args.out, "losses.png"), trained)
-    if path is not None:
-        plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()))
-    history = next(iter(logs.values())).get("exact")
-    if history:
-        plot_exact_training(os.path.join(args.out, "exact_training.png"), history)
+        plot_samples(os.path.join(args.out, "trajectories.png"), data,
+                     {k: {n: p[-1] for n, p in v.items()} for k, v in paths.items()}, counts, paths=paths)
+    if any("fm" in log for log in logs.values()):
+        plot_losses(os.path.join(args.out, "losses.png"), {k: v for k, v in logs.items() if "fm" in v})
+    plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()), history)
     return {"exact_during_training": history} if history else {}
 
 
