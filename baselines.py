@@ -3,39 +3,34 @@
 Every row of Table 1 ("One Step Diffusion via Shortcut Models", Frans et al., ICLR 2025) is a
 way to build regression targets for one network s(x_t, t, d): a builder draws the queries
 (x_t, t, d) for a batch of data x1 and says what s should answer there, as a `Targets`
-record (shortcut.py), and `shortcut.regress` does the rest. All builders share one signature,
+record (shortcut.py), which `shortcut.regress` fits. All builders share one signature,
 
     builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets,
 
 where `progress` in [0, 1] is the share of training done (for the curricula), `teacher` is
-the frozen flow-matching model of the two-phase objectives, and the options are the keywords
-of each builder (`options_of` picks them from a run's settings). `make_targets(name, ...)`
+the frozen flow-matching model of the two-phase objectives (for the others, an optional EMA copy
+that builds the targets in the model's place), and the options are the keywords
+of each builder (`options_of` picks them from a run's record). `make_targets(name, ...)`
 picks a builder from the registry `OBJECTIVES`, which also says how each one samples.
 
-The network is always told a step d whose meaning is right for its target: 0 (the velocity)
-for flow matching, diffusion and reflow; 1 - t (the jump to the end) for the two consistency
-objectives; the stage's d for progressive distillation; 1 for the reflow rows of live reflow.
-So every row is a shortcut model trained on part of the (t, d) plane: consistency models are
-shortcut models restricted to d = 1 - t, progressive distillation trains one d at a time, and
-flow matching trains only d = 0.
-
-Beyond the paper: `meanflow` (Geng et al. 2025), the continuous-time form of eq. 5, and the
-option pair="ot" of every builder but reflow, which couples noise and data within a batch by
-minibatch optimal transport (as in iSM, "Improved Training Technique for Shortcut Models").
+The network is always told the d that its target means: 0 (the velocity) for flow matching,
+diffusion and reflow; 1 - t (the jump to the end) for the consistency objectives; the stage's
+d for progressive distillation; 1 for the reflow rows of live reflow. So consistency models
+are shortcut models restricted to d = 1 - t, progressive distillation trains one d at a
+time, and flow matching only d = 0. Beyond the paper: `meanflow` (Geng et al. 2025), the
+continuous-time form of eq. 5; pair="ot", minibatch optimal transport (as in iSM, "Improved
+Training Technique for Shortcut Models", 2025); and `AMED`, a learned solver for a flow model.
 
 Where these depart from the official builders (kvfrans/shortcut-models, targets_*.py):
-* The official code ignores d ("ignore_dt") for everything but shortcut and live reflow; here
-  each objective is told the d above, so one network and one sampler serve them all.
-* Targets that need a network's own prediction (consistency training and distillation, live
-  reflow) use the model itself under no_grad unless a teacher is passed; the official code
-  uses the EMA (0.999), which exercise 8 shows lags badly in short runs.
-* Consistency training's curriculum and progressive distillation's stages follow `progress`
-  rather than a step counter; the same thing for a run of known length.
+* The official code ignores d for everything but shortcut and live reflow; here each
+  objective is told the d above, so one network and one sampler serve them all.
+* Targets that need the network's own prediction use the model itself under no_grad unless
+  a teacher is passed; the official code uses the EMA, which lags in short runs (exercise 8).
+* The curricula follow `progress` rather than a step counter.
 * Reflow is not in the official code. Here its pairs are generated per batch (fresh noise, 8
-  Euler steps of the teacher's velocity, as live reflow makes its own) rather than once as a
-  fixed data set: the same distribution of pairs, at 8 teacher forwards per step.
-* The paper's diffusion row is a standard diffusion model; here it is the variance-preserving
-  cosine path trained on its velocity and sampled by Euler on its probability-flow ODE.
+  Euler steps of the teacher) rather than once as a fixed data set: the same distribution.
+* The diffusion row is the variance-preserving cosine path, trained on its velocity and
+  sampled by Euler on its probability-flow ODE.
 """
 import inspect
 import math
@@ -50,8 +45,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, check_batch, draw_noise, guided, interpolate, sample,
                       shortcut_targets, step_sizes, two_jumps)
 
-REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair, as
-LIVE_REFLOW_STEPS = 8    # live reflow makes its pairs with the model itself (official)
+REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair
+LIVE_REFLOW_STEPS = 8    # and of the model itself for live reflow's pairs (official)
 
 
 ################################################################################
@@ -238,8 +233,8 @@ class AMED(torch.nn.Module):
     per step. A tiny network predicts r in (0, 1) and a scale c near 1 for each sample, from t,
     d and two cheap features of x_t: its RMS and that of v(x_t, t), which the step computes
     anyway. It starts as the midpoint rule (r = 1/2, c = 1), and `fit` trains it to land where
-    the flow's own fine solution (128 Euler steps) lands at t + d. By the mean-value theorem a
-    scalar ODE has such a u in every step; a vector field need not (docs/EXERCISES.md)."""
+    the flow's own fine solution (128 Euler steps) lands at t + d. Whether one u per point can be
+    exact is exercise 13 of docs/EXERCISES.md: along the ring's rays of symmetry only."""
 
     def __init__(self, flow, width=32):
         super().__init__()
@@ -256,8 +251,7 @@ class AMED(torch.nn.Module):
         features = torch.stack([t, d, rms(x), rms(v)], 1).to(self.net[0].weight.dtype)
         r, c = self.net(features).to(x.dtype).unbind(1)
         r, c = torch.sigmoid(r), 1 + c
-        u = t + r * d
-        return x + bcast(c * d, x) * guided(self.flow, x + bcast(r * d, x) * v, u, zero, y, cfg_scale)
+        return x + bcast(c * d, x) * guided(self.flow, x + bcast(r * d, x) * v, t + r * d, zero, y, cfg_scale)
 
     def fit(self, x0, y=None, counts=(1, 2, 4), iters=400, batch=512, lr=1e-2):
         """Trains the predictor on noise x0 (n, ...): every step of N = 1, 2 and 4 steps, from the

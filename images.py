@@ -1,11 +1,9 @@
-"""Image data and measures for train_images.py: the digits, CIFAR-10 and CelebA loaders with
-their checks, the digit judge, FID, and the PNG grids.
+"""Image data and measures for train_images.py.
 
 Data: digits are scikit-learn's bundled 8x8 digits (1,797 images, offline). CIFAR-10 is read
-from the python archive cifar-10-python.tar.gz (or its extracted folder cifar-10-batches-py);
-nothing is unpickled before its bytes match the published md5, and then only through an
-unpickler that builds arrays. CelebA is read from a folder of the aligned JPEGs
-(img_align_celeba), center-cropped and resized to 64x64 once, then cached as celeba64.npy.
+from cifar-10-python.tar.gz (or its extracted folder); nothing is unpickled before its bytes
+match the published md5, and then only through an unpickler that builds arrays. CelebA is read
+from a folder of the aligned JPEGs, center-cropped and resized to 64x64 once, then cached.
 
 Measures: for digits, the Frechet distance in the hidden features of a small classifier fit on
 the real digits, and that classifier's accuracy on the requested labels. For CIFAR-10 and
@@ -23,6 +21,7 @@ import time
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,9 +36,9 @@ from shortcut import UserError, write_atomic
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_BATCH_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-                   "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-                   "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
+CIFAR_BATCH_MD5 = {f"data_batch_{i + 1}": md5 for i, md5 in enumerate([
+    "c99cafc152244af753f735de768cd75f", "d4bba439e000b95fd0a9bffe97cbabec", "54ebc095f3ab1f0389bbae665268c751",
+    "634d18415352ddfa80567beed471001a", "482c414d41f54cd18b22e5b47cb7c3cb"])}
 
 
 @dataclass(frozen=True)
@@ -84,10 +83,8 @@ def load_cifar10(data_dir, download=False):
     where = folder if os.path.isdir(folder) else archive
     try:
         if where == folder:
-            def read(name):
-                with open(os.path.join(folder, name), "rb") as f:
-                    return f.read()
-            xs, ys = zip(*(cifar_batch(read(n), n, os.path.join(folder, n)) for n in CIFAR_BATCH_MD5))
+            xs, ys = zip(*(cifar_batch(Path(folder, n).read_bytes(), n, os.path.join(folder, n))
+                           for n in CIFAR_BATCH_MD5))
         else:
             check_md5(archive, CIFAR_MD5)
             with tarfile.open(archive, "r:gz") as tar:
@@ -227,15 +224,13 @@ def generate(sampler, model, x0, steps, y, cfg_scale, batch_size, to_cpu=True):
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
 
-def frechet_distance(a, b):
-    """Frechet distance between Gaussians fit to two feature sets (n, k)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    return frechet_from_stats(mu_a, cov_a, mu_b, cov_b)
+def moments(f):
+    return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_from_stats(mu_a, cov_a, mu_b, cov_b):
-    # tr sqrt(A B) = sum of the square roots of the eigenvalues of A B, which are real and >= 0.
+def frechet(mu_a, cov_a, mu_b, cov_b):
+    """The Frechet distance between N(mu_a, cov_a) and N(mu_b, cov_b); tr sqrt(A B) is the sum
+    of the square roots of the eigenvalues of A B, which are real and >= 0."""
     eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
 
@@ -371,9 +366,10 @@ def evaluate(model, run, args, data, judge=None):
     if name == "shortcut":
         settings += [(f"velocity_{N}", objective("flow").sample, model, N) for N in args.eval_steps if N < 128]
     if name == "flow" and args.amed_iters:
-        amed, t0 = AMED(model).to(device), time.time()
+        t0 = time.time()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(run.seed + 3)
+            amed = AMED(model).to(device)
             k = min(n, 2048)
             amed.fit(noise(k, run.seed + 3), (torch.arange(k) % classes).to(device) if classes else None,
                      iters=args.amed_iters)
@@ -406,13 +402,13 @@ def evaluate(model, run, args, data, judge=None):
         real = real.astype(np.float64) / 255
         perm = np.random.default_rng(0).permutation(len(real))
         ref, held = real[perm[:len(real) // 2]], real[perm[len(real) // 2:]]
-        f_ref = judge.features(ref)
+        f_ref = moments(judge.features(ref))
         m = len(held)          # the same sample size on both sides keeps real vs real comparable
         metrics["metric"] = "Frechet distance in digit-classifier features"
-        metrics["real_vs_real"] = frechet_distance(judge.features(held), f_ref)
+        metrics["real_vs_real"] = frechet(*moments(judge.features(held)), *f_ref)
         for k, v in samples.items():
             x = v.double().numpy()
-            metrics[k] = {"fd": frechet_distance(judge.features(x[:m]), f_ref),
+            metrics[k] = {"fd": frechet(*moments(judge.features(x[:m])), *f_ref),
                           "accuracy": float((judge.predict(x) == y.cpu().numpy()).mean())}
     elif fid_backend() is None:
         print(f"FID skipped: {NO_FID}", flush=True)
@@ -421,7 +417,7 @@ def evaluate(model, run, args, data, judge=None):
         metrics["metric"] = f"FID (Inception pool3, {fid_backend()}) against the training set"
         for k, v in samples.items():
             f = inception_features(v.numpy(), device)
-            metrics[k] = {"fid": frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu, cov)}
+            metrics[k] = {"fid": frechet(*moments(f), mu, cov)}
     print_table(metrics)
     return metrics
 

@@ -26,12 +26,10 @@ flow matching is what ties the chain of levels to the data.
 Sampling. N = 2^k Euler steps of size d = 1/N, each told its d: x <- x + d s(x, t, d).
 N = 1 is a single forward pass.
 
-Conventions: t = 0 is noise and t = 1 is data; d is a step size in [0, 1]; N = 1/d. Every
-network is called as model(x, t, d, y=None), with t, d and y of shape (B,).
-
-The file follows that order: the queries, the targets and the loss, the sampler; then the
-networks (the conditioning, an MLP for 2-D data, a compact DiT); then where this code follows
-the official code and where it departs from it; last, the plumbing of the two scripts.
+Conventions: t = 0 is noise, t = 1 is data, N = 1/d; every network is called as
+model(x, t, d, y=None) with t, d, y of shape (B,). The file follows that order: the queries,
+the targets and the loss, the sampler; the networks (the conditioning, an MLP for 2-D data, a
+compact DiT); where this code departs from the official code; the scripts' plumbing.
 """
 import argparse
 import contextlib
@@ -71,7 +69,8 @@ def interpolate(x0, x1, t):
 def draw_noise(x1, pair="independent", y=None):
     """Noise x0 ~ N(0, I) for a batch of data x1. pair="ot" re-pairs it within the batch by
     the assignment that minimises the total squared distance |x1 - x0|^2 (minibatch optimal
-    transport, as in iSM): straighter paths, which fewer steps can follow. With labels y the
+    transport, as in iSM, "Improved Training Technique for Shortcut Models"): straighter paths,
+    which fewer steps can follow. With labels y the
     assignment is made within each class, so that the noise does not carry another class's
     position into a class-conditional model."""
     x0 = torch.randn_like(x1)
@@ -123,23 +122,17 @@ def two_jumps(net, x_t, t, d, y=None, clip=4.0):
     mean squared error (clip=None: no clipping)."""
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be positive (or None for no clipping), got {clip}")
+    c = math.inf if clip is None else clip
     s1 = net(x_t, t, d, y)
-    x_mid = _clip(x_t + bcast(d, x_t) * s1, clip)
-    s2 = net(x_mid, t + d, d, y)
-    return _clip((s1 + s2) / 2, clip)
-
-
-def _clip(x, clip):
-    return x if clip is None else x.clamp(-clip, clip)
+    s2 = net((x_t + bcast(d, x_t) * s1).clamp(-c, c), t + d, d, y)
+    return ((s1 + s2) / 2).clamp(-c, c)
 
 
 @dataclass
 class Targets:
     """One batch of regression problems: the network should answer s(x_t, t, d, y) = target.
-
-    Every objective in this repository (baselines.py) is a way to build these. Rows [:n_boot]
-    have targets built by a network (bootstrap, self-consistency); the rest come from the data.
-    """
+    Every objective (baselines.py) is a way to build these. Rows [:n_boot] have targets built
+    by a network (bootstrap, self-consistency); the rest come from the data."""
     x_t: torch.Tensor
     t: torch.Tensor
     d: torch.Tensor
@@ -160,7 +153,7 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
       grounded=False  no target at 2d = 1/64: the level d = 1/64 is never supervised and the
                       1/32 targets are built on it;
       stop_grad=False gradients flow through the targets as well;
-      d_sampling="uniform"  2d ~ U[1/64, 1] and t ~ U[0, 1 - 2d] instead of the dyadic grid.
+      d_sampling="uniform"  2d ~ U[1/64, 1] (1/32 ungrounded), t ~ U[0, 1 - 2d]: off the grid.
     """
     check_batch(x1, y)
     if not 0.0 <= bootstrap_frac <= 1.0:
@@ -209,11 +202,10 @@ def loss_of(err, targets, loss_power=0.0):
 
     loss_power p > 0 makes it robust, with MeanFlow's adaptive weight: each row's error e,
     summed over its elements, is divided by sg(e + 1e-3)^p (p = 1/2 is close to the pseudo-Huber
-    loss of improved consistency training). The weights are normalised within each part, so
-    that the bootstrap rows and the data rows keep their batch shares. Over the whole batch,
-    the bootstrap rows, whose errors are the smallest, would take nearly all the weight and be
-    driven to a trivial self-consistent map such as s = 0, with flow matching, the ground of
-    eq. 5, left untrained."""
+    loss of improved consistency training). The weights are normalised within each part, so the
+    bootstrap and data rows keep their batch shares: over the whole batch the bootstrap rows,
+    whose errors are the smallest, would take nearly all the weight and fall to a trivial
+    self-consistent map such as s = 0, with flow matching, eq. 5's ground, left untrained."""
     if not loss_power:
         return err.mean()
     n = targets.n_boot
@@ -224,7 +216,7 @@ def loss_of(err, targets, loss_power=0.0):
 
 def shortcut_loss(model, x1, y=None, loss_power=0.0, **options):
     """The shortcut objective on a batch of data x1: (loss, info), where loss is the MSE over
-    every element (or its robust form, regress), so that the two parts weigh by their batch
+    every element (or its robust form, loss_of), so that the two parts weigh by their batch
     share. The options are those of shortcut_targets."""
     return regress(model, shortcut_targets(model, x1, y, **options), loss_power)
 
@@ -246,17 +238,13 @@ def check_batch(x1, y):
 def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, off_grid=False, trajectory=False):
     """Integrate from noise x0 at t=0 to t=1; returns x1 (and the trajectory).
 
-    steps: the number N of shortcut steps, a power of two from 1 to 128, each of size
-    d = 1/N and told its d. It may also be a list of step sizes on the training grid: each a
-    power of two in [1/128, 1] that starts at a multiple of itself, summing to 1, such as
-    [1/2, 1/4, 1/4] (but not [1/4, 1/2, 1/4], whose 1/2 starts at t = 1/4).
-    off_grid: allow any N and any positive sizes that sum to 1, for a model trained with
-    continuous d (docs/EXERCISES.md, exercise 6).
-    flow: sample as the plain flow-matching ODE, with the velocity (d = 0) at every step;
-    flow matching trains every t, so any N or list is allowed.
-    y, cfg_scale: class labels and the guidance scale w of s_u + w (s_c - s_u); w = 1
-    is the conditional model alone.
-    trajectory: also return the (N+1, *x0.shape) stack of points visited.
+    steps: the number N of shortcut steps, a power of two from 1 to 128, each of size d = 1/N
+    and told its d; or a list of step sizes on the training grid (step_sizes), such as
+    [1/2, 1/4, 1/4]. off_grid: any N and any sizes that sum to 1, for a model trained with
+    continuous d (exercise 6). flow: the flow-matching ODE, with the velocity (d = 0) at every
+    step, so any N or list. y, cfg_scale: class labels and the guidance scale w of
+    s_u + w (s_c - s_u); w = 1 is the conditional model alone. trajectory: also return the
+    (N+1, *x0.shape) stack of points visited.
     """
     sizes = step_sizes(steps, off_grid=off_grid or flow)
     B = x0.shape[0]
@@ -273,7 +261,8 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, flow=False, off_grid=Fals
 def step_sizes(steps, off_grid=False):
     """The step sizes that `sample` takes for `steps` (a count or a list); ValueError if they
     leave the training grid, where every d is a power of two in [1/128, 1] and every step
-    starts at a multiple of its d. off_grid allows any count and any sizes that sum to 1."""
+    starts at a multiple of its d: [1/2, 1/4, 1/4], not [1/4, 1/2, 1/4]. off_grid allows any
+    count and any sizes that sum to 1."""
     if isinstance(steps, (list, tuple)):
         sizes = [float(s) for s in steps]
         if not all(map(math.isfinite, sizes)):
@@ -601,8 +590,8 @@ def cli(main, argv=None):
     except (MemoryError, RuntimeError) as e:       # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:120]}); lower --batch-size or --eval-batch-size",
-              file=sys.stderr)
+        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); lower --batch-size (or, in train_images.py, "
+              "--eval-batch-size)", file=sys.stderr)
         sys.exit(2)
     except OSError as e:                           # a full disk, an --out that is a file
         print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
@@ -721,13 +710,10 @@ def write_atomic(path, write):
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; anything else is checked and returned."""
     usable = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return torch.device(next(kind for kind, ok in usable.items() if ok))
-    if name not in usable:
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    if not usable[name]:
-        raise ValueError(f"device {name!r} was asked for but this torch cannot use it here")
-    return torch.device(name)
+    if name != "auto" and not usable.get(name):
+        raise ValueError(f"device {name!r} was asked for but this torch cannot use it here" if name in usable
+                         else f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name if name != "auto" else next(kind for kind, ok in usable.items() if ok))
 
 
 @torch.no_grad()

@@ -100,15 +100,12 @@ FREE = "only --steps, --out, --save-every, the evaluation flags, --device and --
 ################################################################################
 
 def eval_steps(text):
-    counts = [int(s) for s in text.split(",") if s.strip().lstrip("-").isdigit()]
-    if len(counts) != len(text.split(",")):
-        raise argparse.ArgumentTypeError(f"must be comma-separated step counts, got {text!r}")
-    for N in counts:
-        try:
-            step_sizes(N)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return counts
+    try:
+        counts = [int(s) for s in text.split(",")]
+        return [N for N in counts if step_sizes(N)]        # step_sizes refuses a count off the grid
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated step counts, each a power of two from 1 to "
+                                         f"128; got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -264,11 +261,6 @@ def lr_at(step, run):
     return run.lr * warm
 
 
-def drop_labels(y, p, null):
-    """Label dropout to the null class, for classifier-free guidance."""
-    return None if y is None else torch.where(torch.rand(len(y), device=y.device) < p, null, y)
-
-
 def setup_distributed(device):
     """Under torchrun: one process per GPU (NCCL) or per CPU worker (gloo). Returns rank, world, device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -358,7 +350,8 @@ def main(argv=None):
         with stop_requests() if world == 1 else contextlib.nullcontext([]) as stop:
             for step in range(start, run.steps if not args.sample_only else start):
                 x1, y = get_batch(data, labels, run.batch_size // world, DATA[run.dataset].flip)
-                y = drop_labels(y, run.label_dropout, cfg.num_classes)
+                if y is not None:       # label dropout to the null class, for classifier-free guidance
+                    y = torch.where(torch.rand(len(y), device=device) < run.label_dropout, cfg.num_classes, y)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, run)
                 with autocast:

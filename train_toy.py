@@ -202,9 +202,8 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
 
 @dataclass(frozen=True)
 class Run:
-    """Every setting that defines a toy model, each with its flag. A model's checkpoint holds its
-    record, so that --reuse reloads a model only when the whole record matches; a two-phase
-    model holds the record of its teacher too."""
+    """Every setting that defines a toy model, each with its flag. A checkpoint holds its record
+    (a two-phase model's holds its teacher's too): --reuse reloads only an equal record."""
     dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
     objective: str = setting("shortcut", "what the model trains on (default: shortcut)", choices=list(B.OBJECTIVES))
     pair: str = setting("independent", "noise-data pairs: independent (default) or by minibatch optimal transport",
@@ -246,9 +245,8 @@ def record(args, **changes):
 
 def train(run, data, teacher=None, track=None, stop=(), label=None):
     """Trains one MLP by its record; returns it and its log (the loss parts per step, seconds, and
-    with `track` = (K, f) the exact errors f(model) every K steps). teacher: the flow-matching
-    model of a two-phase objective. The learning rate decays to 0, so the model itself is
-    sampled; --ema-teacher keeps an EMA only to build the targets."""
+    with `track` = (K, f) the exact errors f(model) every K steps). teacher: the flow model of a
+    two-phase objective. The lr decays to 0, so the model itself is sampled, not an EMA."""
     torch.manual_seed(run.seed)
     label, two_phase = label or run.objective, B.objective(run.objective).two_phase
     model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
@@ -523,9 +521,10 @@ def replicate(args, rows, seed, gm, path):
         if flow_row or two_phase:
             teacher = teacher or flow_teacher(args, train_data, seed)
         if changes is None:           # AMED: the flow row, sampled by a learned solver
-            amed, t0 = B.AMED(teacher[1]), time.time()
+            t0 = time.time()
             with torch.random.fork_rng():         # its predictor trains as long as the models, up to 400 steps
                 torch.manual_seed(seed)
+                amed = B.AMED(teacher[1])
                 amed.fit(torch.randn(args.n_samples, 2), iters=min(400, args.steps))
             models[row], logs[row] = ("amed", amed), {"seconds": time.time() - t0}
             continue
