@@ -2,9 +2,8 @@
 Table 1, and sampling, on random data of the dataset's shape (no data loading), and prints
 img/s, ms per step, the step time against flow matching, model TFLOP/s and MFU.
 
-The FLOPs of a step are counted by PyTorch's FlopCounterMode over one eager step: every
-matmul, convolution and attention, forward, backward and forward-mode (MeanFlow's JVP). MFU is
-against the dense bf16 peak of the detected GPU.
+FlopCounterMode counts a step's FLOPs over one eager step: every matmul, convolution and
+attention, forward, backward and forward-mode (MeanFlow's JVP); MFU is against the GPU's bf16 peak.
 """
 import copy
 import dataclasses

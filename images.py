@@ -371,8 +371,7 @@ def evaluate(model, run, args, data, judge=None):
             torch.manual_seed(run.seed + 3)
             amed = AMED(model).to(device)
             k = min(n, 2048)
-            amed.fit(noise(k, run.seed + 3), (torch.arange(k) % classes).to(device) if classes else None,
-                     iters=args.amed_iters)
+            amed.fit(noise(k, run.seed + 3), None if y is None else y[:k], iters=args.amed_iters)
         print(f"fitted AMED's step predictor in {time.time() - t0:.1f}s", flush=True)
         settings += [(f"amed_{2 * N}", sample_amed, amed, N) for N in (1, 2, 4)]
     samples, t0 = {}, time.time()

@@ -102,10 +102,12 @@ FREE = "only --steps, --out, --save-every, the evaluation flags, --device and --
 def eval_steps(text):
     try:
         counts = [int(s) for s in text.split(",")]
-        return [N for N in counts if step_sizes(N)]        # step_sizes refuses a count off the grid
+        for N in counts:
+            step_sizes(N)                     # refuses a count off the training grid
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated step counts, each a power of two from 1 to "
                                          f"128; got {text!r}") from None
+    return counts
 
 
 def parse_args(argv=None):
