@@ -42,8 +42,8 @@ import torch
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, check_batch, draw_noise, guided, interpolate, sample,
-                      shortcut_targets, step_sizes, two_jumps)
+from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, draw_noise, guided, interpolate, jump, sample,
+                      shortcut_targets, two_jumps, velocity)
 
 REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair
 LIVE_REFLOW_STEPS = 8    # and of the model itself for live reflow's pairs (official)
@@ -71,7 +71,6 @@ def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, pair="independen
     """A diffusion model on the variance-preserving cosine path (Nichol & Dhariwal 2021),
     x_t = cos(pi t/2) x0 + sin(pi t/2) x1, regressing its velocity
     dx_t/dt = (pi/2) (cos(pi t/2) x1 - sin(pi t/2) x0); the network is told d = 0."""
-    check_batch(x1, y)
     x0, t = draw_noise(x1, pair, y), torch.rand(len(x1), device=x1.device)
     a, b = bcast(torch.cos(math.pi / 2 * t), x1), bcast(torch.sin(math.pi / 2 * t), x1)
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
@@ -85,7 +84,6 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair=
     predicts the end point from x_t2: x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2). Target:
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t.
     curriculum=False (an exercise) uses the final dt = 1/64 from the first step."""
-    check_batch(x1, y)
     k = stage(progress if curriculum else 1.0)
     dt = 0.5 ** k
     x0 = draw_noise(x1, pair, y)
@@ -109,6 +107,8 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
     the model (or teacher) maps fresh noise x0 to x1_hat with 8 Euler steps of its velocity, and
     s(x_t, t, 1) <- sg[x1_hat - x0] at a random t on the line from x0 to x1_hat, told d = 1.
     The other rows are flow matching (paired by `pair`)."""
+    if not 0 <= reflow_frac <= 1:
+        raise ValueError(f"reflow_frac must be in [0, 1], got {reflow_frac}")
     tg = flow_matching(model, x1, y, pair=pair)
     n = round(reflow_frac * len(x1))
     if n == 0:
@@ -116,7 +116,7 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
     y_r = None if y is None else y[:n]
     x0 = torch.randn_like(x1[:n])
     with torch.no_grad():
-        x1_hat = sample(model if teacher is None else teacher, x0, LIVE_REFLOW_STEPS, y_r, flow=True)
+        x1_hat = sample(model if teacher is None else teacher, x0, LIVE_REFLOW_STEPS, y_r, rule=velocity)
     t = torch.rand(n, device=x1.device)
     return Targets(torch.cat([interpolate(x0, x1_hat, t), tg.x_t[n:]]), torch.cat([t, tg.t[n:]]),
                    torch.cat([torch.ones_like(t), tg.d[n:]]), y, torch.cat([x1_hat - x0, tg.target[n:]]), n)
@@ -131,7 +131,6 @@ def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, pair="
     flow-matching teacher takes one Euler step of h = 1/128 from x_t to x_t2, the network
     predicts the end point from there, x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and
     s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t."""
-    check_batch(x1, y)
     h = 1.0 / MAX_STEPS
     x0 = draw_noise(x1, pair, y)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
@@ -148,7 +147,6 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     of two teacher jumps of d/2 (eq. 5's construction, clipped): s(x_t, t, d) <- sg[two jumps].
     The student starts as the flow-matching teacher, and at each new stage the teacher becomes
     a copy of the student (`new_stage`): the training loop does both. Told the stage's d."""
-    check_batch(x1, y)
     d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - stage(progress))
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
@@ -170,12 +168,11 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     coupled pairs, s(x_t, t, 0) <- x1_hat - x0, whose straighter paths take fewer steps.
     The data batch x1 only sets the batch size: reflow sees data through its teacher, whose
     map is already its coupling, so pair="ot" has nothing to re-pair and is refused."""
-    check_batch(x1, y)
     if pair != "independent":
         raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
     with torch.no_grad():
-        x1_hat = sample(teacher, x0, REFLOW_STEPS, y, flow=True)
+        x1_hat = sample(teacher, x0, REFLOW_STEPS, y, rule=velocity)
     t = torch.rand(len(x1), device=x1.device)
     return Targets(interpolate(x0, x1_hat, t), t, torch.zeros_like(t), y, x1_hat - x0, len(x1))
 
@@ -196,7 +193,8 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent
     them as sigmoid(N(0.6, 1.6)) and sigmoid(N(4, 1.6)), the official CIFAR-10 values in this
     project's direction of time; "uniform" as two uniforms. Its loss is the adaptive weight with
     p = 1 (the registry's loss_power). Told d, any d in [0, 1]; sampled by the shortcut sampler."""
-    check_batch(x1, y)
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     B, n = len(x1), round(ratio * len(x1))
     x0 = draw_noise(x1, pair, y)
     if times == "logit-normal":
@@ -230,89 +228,66 @@ class AMED(torch.nn.Module):
     """AMED (Zhou et al., CVPR 2024): a sampler for a trained flow-matching model, the solver's
     answer to a shortcut. Each step from t to t + d first takes an Euler step to u = t + r d,
     then the whole step with the velocity there: x <- x + c d v(x_u, u), 2 network evaluations
-    per step. A tiny network predicts r in (0, 1) and a scale c near 1 for each sample, from t,
-    d and two cheap features of x_t: its RMS and that of v(x_t, t), which the step computes
-    anyway. It starts as the midpoint rule (r = 1/2, c = 1), and `fit` trains it to land where
-    the flow's own fine solution (128 Euler steps) lands at t + d. Whether one u per point can be
-    exact is exercise 13 of docs/EXERCISES.md: along the ring's rays of symmetry only."""
+    per step. This module is only the step predictor: a tiny network of r in (0, 1) and a scale
+    c near 1 for each sample, from t, d and two cheap features of x_t, its RMS and that of
+    v(x_t, t). Published AMED reads the network's bottleneck features instead. It starts as the
+    midpoint rule (r = 1/2, c = 1), and `fit` trains it to land where the flow's own fine
+    solution (128 Euler steps) lands at t + d; the flow itself is only read. Sample with
+    sample(flow, x0, N, rule=amed.step). Whether one u per point can be exact is exercise 13 of
+    docs/EXERCISES.md: along the ring's rays of symmetry only."""
 
-    def __init__(self, flow, width=32):
+    def __init__(self, width=32):
         super().__init__()
-        self.flow, self.num_classes = flow.requires_grad_(False), flow.num_classes
         self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.SiLU(), torch.nn.Linear(width, 2))
         torch.nn.init.zeros_(self.net[2].weight)
         torch.nn.init.zeros_(self.net[2].bias)
 
-    def step(self, x, t, d, y=None, cfg_scale=1.0, v=None):
-        """One step from t to t + d (t, d of shape (B,)); v: the velocity at (x, t), if known."""
-        zero = torch.zeros_like(t)
-        v = guided(self.flow, x, t, zero, y, cfg_scale) if v is None else v
+    def step(self, flow, x, t, d, y=None, w=1.0, v=None):
+        """One step of the flow from t to t + d (t, d of shape (B,)); v: the velocity at (x, t), if known."""
+        v = guided(flow, x, t, torch.zeros_like(t), y, w) if v is None else v
         rms = lambda z: z.flatten(1).pow(2).mean(1).sqrt()            # noqa: E731
-        features = torch.stack([t, d, rms(x), rms(v)], 1).to(self.net[0].weight.dtype)
-        r, c = self.net(features).to(x.dtype).unbind(1)
+        r, c = self.net(torch.stack([t, d, rms(x), rms(v)], 1).to(self.net[0].weight.dtype)).to(x.dtype).unbind(1)
         r, c = torch.sigmoid(r), 1 + c
-        return x + bcast(c * d, x) * guided(self.flow, x + bcast(r * d, x) * v, t + r * d, zero, y, cfg_scale)
+        return x + bcast(c * d, x) * guided(flow, x + bcast(r * d, x) * v, t + r * d, torch.zeros_like(t), y, w)
 
-    def fit(self, x0, y=None, counts=(1, 2, 4), iters=400, batch=512, lr=1e-2):
+    def fit(self, flow, x0, y=None, counts=(1, 2, 4), iters=400, batch=512, lr=1e-2):
         """Trains the predictor on noise x0 (n, ...): every step of N = 1, 2 and 4 steps, from the
         flow's fine solution at t to the fine solution at t + d. Returns the last loss."""
         starts = sorted({i for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N)})
         ones = torch.ones(len(x0), device=x0.device)
         with torch.no_grad():
-            path = sample(self.flow, x0, MAX_STEPS, y, flow=True, trajectory=True)[1]       # (129, n, ...)
-            v = {i: guided(self.flow, path[i], ones * i / MAX_STEPS, 0 * ones, y, 1.0) for i in starts}
+            path = sample(flow, x0, MAX_STEPS, y, rule=velocity, trajectory=True)[1]       # (129, n, ...)
+            v = {i: guided(flow, path[i], ones * i / MAX_STEPS, 0 * ones, y, 1.0) for i in starts}
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         for _ in range(iters):
             rows = torch.randint(len(x0), (min(batch, len(x0)),), device=x0.device)
             yb, one = None if y is None else y[rows], ones[rows]
-            loss = sum((self.step(path[i][rows], one * i / MAX_STEPS, one / N, yb, v=v[i][rows])
+            loss = sum((self.step(flow, path[i][rows], one * i / MAX_STEPS, one / N, yb, v=v[i][rows])
                         - path[i + MAX_STEPS // N][rows]).pow(2).mean() / N
                        for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            grads = torch.autograd.grad(loss, list(self.net.parameters()))    # the flow's own .grad stays untouched
+            for p, g in zip(self.net.parameters(), grads):
+                p.grad = g
             opt.step()
         return float(loss.detach())
 
 
-@torch.no_grad()
-def sample_amed(model, x0, steps, y=None, cfg_scale=1.0):
-    """N AMED steps of size 1/N with an AMED model: 2N evaluations of its flow."""
-    x, t = x0, 0.0
-    for d in step_sizes(steps, off_grid=True):
-        x = model.step(x, torch.full((len(x0),), t, device=x0.device), torch.full((len(x0),), d, device=x0.device),
-                       y, cfg_scale)
-        t += d
-    return x
-
-
 ################################################################################
-#                                   Samplers                                   #
+#                     The consistency models' step rules                       #
 ################################################################################
 
-@torch.no_grad()
-def sample_to_end(model, x0, steps, y=None, cfg_scale=1.0):
-    """Euler with the jump to the end: x <- x + d s(x, t, 1 - t) for d = 1/N. For a network
-    trained at d = 1 - t (consistency distillation) one step is its one-step map."""
-    x, t = x0, 0.0
-    for d in step_sizes(steps, off_grid=True):
-        tt = torch.full((len(x0),), t, device=x0.device)
-        x = x + d * guided(model, x, tt, 1 - tt, y, cfg_scale)
-        t += d
-    return x
+def to_end(model, x, t, d, y=None, w=1.0):
+    """Euler with the jump to the end: x + d s(x, t, 1 - t). For a network trained at d = 1 - t
+    (consistency distillation) one step is its one-step map."""
+    return x + bcast(d, x) * guided(model, x, t, 1 - t, y, w)
 
 
-@torch.no_grad()
-def sample_multistep(model, x0, steps, y=None, cfg_scale=1.0):
+def multistep(model, x, t, d, y=None, w=1.0):
     """The consistency models' multistep rule: predict the end x1_hat = x + (1 - t) s(x, t, 1 - t),
-    then go back to t + d along a fresh noise draw eps: x <- (t + d) x1_hat + (1 - t - d) eps.
-    If x ~ p_t and x1_hat is exact, the new x ~ p_{t+d} exactly, for any N."""
-    x, t = x0, 0.0
-    for d in step_sizes(steps, off_grid=True):
-        tt = torch.full((len(x0),), t, device=x0.device)
-        end = x + (1 - t) * guided(model, x, tt, 1 - tt, y, cfg_scale)
-        x = (t + d) * end + (1 - t - d) * torch.randn_like(x)
-        t += d
-    return x
+    then go back to t + d along a fresh noise draw eps: (t + d) x1_hat + (1 - t - d) eps. If
+    x ~ p_t and x1_hat is exact, the new x ~ p_{t+d} exactly, for any N."""
+    end = x + bcast(1 - t, x) * guided(model, x, t, 1 - t, y, w)
+    return bcast(t + d, x) * end + bcast(1 - t - d, x) * torch.randn_like(x)
 
 
 ################################################################################
@@ -325,23 +300,26 @@ class Objective:
     sample: Callable           # (model, x0, steps, y=None, cfg_scale=1.0) -> x1
     told: str                  # the d the network is told: "0", "step" or "1 - t"
     two_phase: bool = False    # needs a trained flow-matching teacher
-    loss_power: float = 0.0    # the robust loss its authors train with (shortcut.loss_of); 0 is the MSE
+    loss_power: float = 0.0    # the robust loss its authors train with (shortcut.regress); 0 is the MSE
     t_scale: float = 1000.0    # t's scale before its embedding, chosen by measurement (docs/RESULTS.md)
 
 
-_velocity = partial(sample, flow=True)
+def sampler(rule, off_grid=True):
+    return partial(sample, rule=rule, off_grid=off_grid)
+
 
 OBJECTIVES = {
-    "flow": Objective(flow_matching, _velocity, "0"),
-    "shortcut": Objective(shortcut, sample, "step"),
-    "consistency-training": Objective(consistency_training, sample_multistep, "1 - t", t_scale=1.0),
-    "live-reflow": Objective(live_reflow, sample, "step"),
-    "diffusion": Objective(diffusion, _velocity, "0"),
-    "consistency-distillation": Objective(consistency_distillation, sample_to_end, "1 - t", two_phase=True,
+    "flow": Objective(flow_matching, sampler(velocity), "0"),
+    "shortcut": Objective(shortcut, sampler(jump, off_grid=False), "step"),
+    "consistency-training": Objective(consistency_training, sampler(multistep), "1 - t", t_scale=1.0),
+    "live-reflow": Objective(live_reflow, sampler(jump, off_grid=False), "step"),
+    "diffusion": Objective(diffusion, sampler(velocity), "0"),
+    "consistency-distillation": Objective(consistency_distillation, sampler(to_end), "1 - t", two_phase=True,
                                           t_scale=1.0),
-    "progressive-distillation": Objective(progressive_distillation, sample, "step", two_phase=True),
-    "reflow": Objective(reflow, _velocity, "0", two_phase=True),
-    "meanflow": Objective(meanflow, sample, "step", loss_power=1.0, t_scale=1.0),
+    "progressive-distillation": Objective(progressive_distillation, sampler(jump, off_grid=False), "step",
+                                          two_phase=True),
+    "reflow": Objective(reflow, sampler(velocity), "0", two_phase=True),
+    "meanflow": Objective(meanflow, sampler(jump, off_grid=False), "step", loss_power=1.0, t_scale=1.0),
 }
 
 

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baselines import OBJECTIVES, make_targets, objective, options_of
 from images import DATA, generate, get_batch
-from shortcut import DiT, ema_update, errors, sample
+from shortcut import DiT, ema_update, regress, sample
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device name.
 PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362),
@@ -63,7 +63,7 @@ def benchmark(run, args, cfg, device):
         def step(net):        # the training loop of train_images.py, without its bookkeeping
             x1, y = get_batch(data, labels, run.batch_size, info.flip)
             with autocast:
-                loss = errors(net, make_targets(name, net, x1, y, teacher=teacher, progress=0.5, **options)).mean()
+                loss, _ = regress(net, make_targets(name, net, x1, y, teacher=teacher, progress=0.5, **options))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

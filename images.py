@@ -31,8 +31,9 @@ try:                                   # where numpy pickles keep the array cons
 except ImportError:                    # numpy < 2
     from numpy.core.multiarray import _reconstruct
 
-from baselines import AMED, objective, sample_amed
-from shortcut import UserError, write_atomic
+from baselines import AMED, objective
+from runs import UserError, first_line, write_atomic
+from shortcut import sample
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -83,8 +84,7 @@ def load_cifar10(data_dir, download=False):
     where = folder if os.path.isdir(folder) else archive
     try:
         if where == folder:
-            xs, ys = zip(*(cifar_batch(Path(folder, n).read_bytes(), n, os.path.join(folder, n))
-                           for n in CIFAR_BATCH_MD5))
+            xs, ys = zip(*(cifar_batch(read_file(Path(folder, n)), n, os.path.join(folder, n)) for n in CIFAR_BATCH_MD5))
         else:
             check_md5(archive, CIFAR_MD5)
             with tarfile.open(archive, "r:gz") as tar:
@@ -96,6 +96,14 @@ def load_cifar10(data_dir, download=False):
         raise UserError(f"{where!r} is not a complete CIFAR-10 archive ({type(e).__name__}: {e}); "
                         "fetch it again (--download into an empty --data-dir)") from None
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
+
+
+def read_file(path, limit=1 << 26):
+    """The bytes of a regular file of at most `limit` bytes (a CIFAR batch is 31 MB): a FIFO or a
+    device such as /dev/zero is refused rather than read for ever."""
+    if not path.is_file() or path.stat().st_size > limit:
+        raise UserError(f"{str(path)!r} is not a CIFAR-10 batch file (a regular file of at most {limit >> 20} MB)")
+    return path.read_bytes()
 
 
 def cifar_batch(raw, name, where):
@@ -352,33 +360,35 @@ def save_grid(path, x01, nrow, col_labels=None):
     write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
-def evaluate(model, run, args, data, judge=None):
+def evaluate(model, run, args, data):
     """Samples with each of --eval-steps from the same noise, by the run's objective's sampler;
     a shortcut model also by Euler with its velocity d = 0, and a flow-matching model also by
     AMED (baselines.AMED, fitted here) at 2, 4 and 8 network evaluations. Writes the grids and
-    samples.npz to --out and returns the metrics, keyed SAMPLER_N (N steps; AMED: N evaluations)."""
+    samples.npz to --out and returns the measures, keyed SAMPLER_N (N steps; AMED: N
+    evaluations), and the samples. Digits are measured here; FID, which may need a download, is
+    fid_scores."""
     info, device, name = DATA[run.dataset], data.device, run.objective
     n, classes = args.n_samples, info.classes
     noise = lambda k, seed: torch.randn(k, info.channels, info.size, info.size,       # noqa: E731
                                         generator=torch.Generator().manual_seed(seed)).to(device)
     x0, y = noise(n, run.seed + 1), (torch.arange(n) % classes).to(device) if classes else None
-    settings = [(f"{name}_{N}", objective(name).sample, model, N) for N in args.eval_steps]
+    settings = [(f"{name}_{N}", objective(name).sample, N) for N in args.eval_steps]
     if name == "shortcut":
-        settings += [(f"velocity_{N}", objective("flow").sample, model, N) for N in args.eval_steps if N < 128]
+        settings += [(f"velocity_{N}", objective("flow").sample, N) for N in args.eval_steps if N < 128]
     if name == "flow" and args.amed_iters:
         t0 = time.time()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(run.seed + 3)
-            amed = AMED(model).to(device)
+            amed = AMED().to(device)
             k = min(n, 2048)
-            amed.fit(noise(k, run.seed + 3), None if y is None else y[:k], iters=args.amed_iters)
+            amed.fit(model, noise(k, run.seed + 3), None if y is None else y[:k], iters=args.amed_iters)
         print(f"fitted AMED's step predictor in {time.time() - t0:.1f}s", flush=True)
-        settings += [(f"amed_{2 * N}", sample_amed, amed, N) for N in (1, 2, 4)]
+        settings += [(f"amed_{2 * N}", functools.partial(sample, rule=amed.step, off_grid=True), N) for N in (1, 2, 4)]
     samples, t0 = {}, time.time()
-    for key, sampler, net, N in settings:
+    for key, sampler, N in settings:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(run.seed + 2)        # the fresh noise of the multistep sampler
-            samples[key] = generate(sampler, net, x0, N, y, args.cfg_scale, args.eval_batch_size)
+            samples[key] = generate(sampler, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
     print(f"sampled {n} images for each of {len(settings)} settings in {time.time() - t0:.1f}s"
           + (" (velocity_128 is shortcut_128: d = 0 is the finest level)" if name == "shortcut" else ""), flush=True)
 
@@ -396,7 +406,8 @@ def evaluate(model, run, args, data, judge=None):
               col_labels=[f"N={N}" for N in args.eval_steps])
 
     metrics = {"n_samples": n, "cfg_scale": args.cfg_scale}
-    if judge is not None:
+    if run.dataset == "digits":
+        judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz"))
         real, _ = load_digits()
         real = real.astype(np.float64) / 255
         perm = np.random.default_rng(0).permutation(len(real))
@@ -409,14 +420,27 @@ def evaluate(model, run, args, data, judge=None):
             x = v.double().numpy()
             metrics[k] = {"fd": frechet(*moments(judge.features(x[:m])), *f_ref),
                           "accuracy": float((judge.predict(x) == y.cpu().numpy()).mean())}
-    elif fid_backend() is None:
+        print_table(metrics)
+    return metrics, samples
+
+
+def fid_scores(samples, run, args, data):
+    """FID of the samples of `evaluate`, over --n-samples of them against the training
+    set's Inception statistics (the paper's FID-50k draws 50,000): {SAMPLER_N: {"fid": ...}}."""
+    if fid_backend() is None:
         print(f"FID skipped: {NO_FID}", flush=True)
-    else:
-        mu, cov = reference_stats(run.dataset, args.data_dir, data, device)
-        metrics["metric"] = f"FID (Inception pool3, {fid_backend()}) against the training set"
-        for k, v in samples.items():
-            f = inception_features(v.numpy(), device)
-            metrics[k] = {"fid": frechet(*moments(f), mu, cov)}
+        return {}
+    try:
+        mu, cov = reference_stats(run.dataset, args.data_dir, data, data.device)
+    except (OSError, RuntimeError) as e:          # urllib's URLError is an OSError
+        raise UserError(f"cannot load the Inception weights ({first_line(e)}): put the file it names in "
+                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --no-fid; every other "
+                        f"measure is in {os.path.join(args.out, 'metrics.json')}") from None
+    n = args.n_samples
+    metrics = {"metric": f"FID over {n} samples against the training set's statistics (Inception pool3, "
+                         f"{fid_backend()}; the paper's FID-50k draws 50,000)"}
+    for k, v in samples.items():
+        metrics[k] = {"fid": frechet(*moments(inception_features(v.numpy(), data.device)), mu, cov)}
     print_table(metrics)
     return metrics
 

@@ -6,10 +6,11 @@
     python train_toy.py --table1             # every objective at one budget (< 3 minutes)
 
 Trains a model by --objective (default: shortcut) and a flow-matching baseline with the same
-network, budget and seed, samples both with 1 to 128 steps from the same noise, and writes to
---out: toy.md (the measures), toy.json, toy.npz (the samples), toy.png, trajectories.png,
-losses.png, exact.png (against the true flow of a Gaussian mixture) and a checkpoint per model
-with its record. --table1 and --sweep write table1.* and sweep.* instead.
+network, budget and seed (the two-phase objectives learn from it), samples both with 1 to 128
+steps from the same noise, and writes to --out: toy.md (the measures), toy.json, toy.npz (the
+samples), toy.png, trajectories.png, losses.png, exact.png (against the true flow of a Gaussian
+mixture) and a checkpoint per model with its record. --table1 and --sweep write table1.* and
+sweep.* instead. A folder's outputs are replaced only by a run of the same record.
 """
 import argparse
 import copy
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 
 import baselines as B
-from shortcut import (MAX_STEPS, MLP, Interrupted, Parser, TrainingDiverged, UserError, add_settings, as_count,
-                      as_positive, as_power, as_seed, as_share, claim, cli, ema_update, regress, sample, setting,
-                      stop_requests, write_atomic)
+from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, as_count, as_positive,
+                  as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli, deferred_stop,
+                  load_checkpoint, refuse, setting, write_atomic)
+from shortcut import MAX_STEPS, MLP, ema_update, regress, sample, velocity
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -179,7 +181,9 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
     exact error (None for AMED and for diffusion, whose flow map differs)."""
     samples = {}
     for name, (kind, model) in models.items():
-        sampler, nfe = (B.sample_amed, 2) if kind == "amed" else (B.objective(kind).sample, 1)
+        sampler, nfe = (B.objective(kind).sample, 1) if kind != "amed" else \
+            (functools.partial(sample, rule=model[0].step, off_grid=True), 2)
+        model = model[1] if kind == "amed" else model
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             samples[name] = {nfe * n: sampler(model, x0, n).numpy() for n in STEP_COUNTS if nfe * n <= MAX_STEPS}
@@ -201,7 +205,7 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
 ################################################################################
 
 @dataclass(frozen=True)
-class Run:
+class Run(Record):
     """Every setting that defines a toy model, each with its flag. A checkpoint holds its record
     (a two-phase model's holds its teacher's too): --reuse reloads only an equal record."""
     dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
@@ -215,9 +219,9 @@ class Run:
     lr: float = setting(4e-3, "peak AdamW learning rate, cosine decay (default: 4e-3)", type=as_positive)
     bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
     seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)", type=as_seed)
-    loss_power: float = setting(None, "p of the robust loss, shortcut.loss_of (default: the objective's)",
+    loss_power: float = setting(None, "p of the robust loss, shortcut.regress (default: the objective's)",
                                 type=as_power)
-    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_positive)
+    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_t_scale)
     ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
     times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
     grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
@@ -232,10 +236,6 @@ class Run:
                            choices=["level", "end"])
     teacher: "Run | None" = None
 
-    @staticmethod
-    def load(record):
-        return Run(**{**record, "teacher": record["teacher"] and Run.load(record["teacher"])})
-
 
 def record(args, **changes):
     """The Run of the flags, some fields changed, and the objective's loss power and t scale if open."""
@@ -243,52 +243,53 @@ def record(args, **changes):
     return Run(**B.defaults(settings["objective"], **settings))
 
 
-def train(run, data, teacher=None, track=None, stop=(), label=None):
+def train(run, data, teacher=None, track=None, label=None):
     """Trains one MLP by its record; returns it and its log (the loss parts per step, seconds, and
     with `track` = (K, f) the exact errors f(model) every K steps). teacher: the flow model of a
-    two-phase objective. The lr decays to 0, so the model itself is sampled, not an EMA."""
+    two-phase objective, of the same record but for its objective. The lr decays to 0, so the
+    model itself is sampled, not an EMA. Ctrl-C or SIGTERM stops it after the step."""
     torch.manual_seed(run.seed)
     label, two_phase = label or run.objective, B.objective(run.objective).two_phase
     model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
     if run.objective == "progressive-distillation":       # the student starts as its teacher, which then changes
-        if teacher.cond.t_emb.scale != run.t_scale:
-            raise UserError(f"progressive distillation starts as its teacher: use its --t-scale "
-                            f"{teacher.cond.t_emb.scale:g}")
         model.load_state_dict(teacher.state_dict())
         teacher = copy.deepcopy(teacher)
-    elif run.ema_teacher and not two_phase:
+    elif run.ema_teacher:
         teacher = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / run.steps)))
     options, data = B.options_of(run.objective, dataclasses.asdict(run)), torch.as_tensor(data)
     log, t0, last = {"fm": [], "sc": [], "exact": {}}, time.time(), 0.0
-    for step in range(run.steps):
-        x1 = data[torch.randint(len(data), (run.batch_size,))]
-        progress = step / run.steps
-        tg = B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress, **options)
-        loss, info = regress(model, tg, run.loss_power)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if run.ema_teacher and not two_phase:
-            ema_update(teacher, model, 0.999)
-        if B.new_stage(run.objective, progress, (step + 1) / run.steps):
-            teacher.load_state_dict(model.state_dict())
-        if not math.isfinite(loss.item()):
-            raise TrainingDiverged(f"{label}: the loss became {loss.item()} at step {step + 1}; lower --lr")
-        log["fm"].append(info["fm"])
-        log["sc"].append(info["sc"])
-        if track is not None and ((step + 1) % track[0] == 0 or step == 0):
-            log["exact"][step + 1] = track[1](model)
-        if time.time() - last > 3 or step + 1 == run.steps:
-            rate, last = (step + 1) / (time.time() - t0), time.time()
-            print(f"  {label:24s} step {step + 1:6d}/{run.steps}  fm {info['fm']:.4f}  sc {info['sc']:.4f}"
-                  f"  {rate:6.0f} it/s  ETA {(run.steps - step - 1) / rate:5.1f}s", flush=True)
-        if stop:
-            raise Interrupted(f"{stop[0]}: stopped {label} at step {step + 1}; the models trained before it are "
-                              "saved in --out, and --reuse reloads them", stop[0])
+    with deferred_stop() as stop:
+        for step in range(run.steps):
+            x1 = data[torch.randint(len(data), (run.batch_size,))]
+            progress = step / run.steps
+            tg = B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress, **options)
+            loss, parts = regress(model, tg, run.loss_power)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if run.ema_teacher:
+                ema_update(teacher, model, 0.999)
+            if B.new_stage(run.objective, progress, (step + 1) / run.steps):
+                teacher.load_state_dict(model.state_dict())
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged(f"{label}: the loss became {loss.item()} at step {step + 1}; lower --lr")
+            log["fm"].append(parts["fm"].item())
+            log["sc"].append(parts["sc"].item())
+            if track is not None and ((step + 1) % track[0] == 0 or step == 0):
+                log["exact"][step + 1] = track[1](model)
+            if time.time() - last > 3 or step + 1 == run.steps:
+                rate, last = (step + 1) / (time.time() - t0), time.time()
+                print(f"  {label:24s} step {step + 1:6d}/{run.steps}  fm {log['fm'][-1]:.4f}  sc {log['sc'][-1]:.4f}"
+                      f"  {rate:6.0f} it/s  ETA {(run.steps - step - 1) / rate:5.1f}s", flush=True)
+            if stop:
+                raise Interrupted(f"{stop[0]}: stopped {label} at step {step + 1}; the models trained before it "
+                                  "are saved in --out, and --reuse reloads them", stop[0])
+    if not all(p.isfinite().all() for p in model.parameters()):
+        raise TrainingDiverged(f"{label}: the weights became non-finite (the loss was finite); lower --lr")
     log["seconds"] = time.time() - t0
     return model.eval(), log
 
@@ -300,17 +301,14 @@ def save_model(path, run, model, seconds):
 
 def load_model(path):
     """(record, model, training seconds) of a toy checkpoint; UserError unless it is whole and finite."""
+    state = load_checkpoint(path, Run, "--reuse", "train_toy.py")
+    run = state["run"]
+    model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        run = Run.load(state["run"])
-        model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
         model.load_state_dict(state["model"])
-        seconds = float(state["seconds"])
-    except Exception as e:
-        raise UserError(f"{path} is not a toy checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if not all(torch.isfinite(v).all() for v in state["model"].values()):
-        raise UserError(f"{path} holds non-finite weights")
-    return run, model.eval(), seconds
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{path} does not fit its record ({type(e).__name__})") from None
+    return run, model.eval(), float(state["seconds"])
 
 
 def obtain(args, run, name, train_data, teacher=None, track=None):
@@ -325,23 +323,9 @@ def obtain(args, run, name, train_data, teacher=None, track=None):
             print(f"  {path} was trained with other settings: training {name} again")
         except UserError as e:
             print(f"  cannot reuse it ({e}): training {name} again")
-    model, log = train(run, train_data, teacher, track, args.stop, name)
+    model, log = train(run, train_data, teacher, track, name)
     save_model(path, run, model, log["seconds"])
     return model, log
-
-
-def flow_teacher(args, train_data, seed):
-    """The flow-matching teacher of the two-phase objectives as (record, model, log): --teacher,
-    checked to be a flow model of the same data and network, or trained now (flow.pt)."""
-    if args.teacher is None:
-        run = record(args, seed=seed, **FLOW)
-        return (run, *obtain(args, run, "flow" + f"_seed{seed}" * (seed != args.seed), train_data))
-    run, model, seconds = load_model(args.teacher)
-    if run.objective != "flow" or (run.dataset, run.width, run.depth) != (args.dataset, args.width, args.depth):
-        raise UserError(f"--teacher {args.teacher} must be a flow-matching model of {args.dataset} with an MLP "
-                        f"{args.width}x{args.depth}; its record says {run.objective} on {run.dataset}, "
-                        f"{run.width}x{run.depth}")
-    return run, model, {"seconds": seconds}
 
 
 ################################################################################
@@ -444,21 +428,25 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--seeds", type=as_count, default=1, help="train every model with the seeds --seed, --seed + 1, ... and report "
       "the mean and the standard deviation of each measure over them (default: 1)")
-    a("--teacher", metavar="PATH", help="a flow-matching toy checkpoint of the same data and network (such as "
-      "out/toy/flow.pt) to teach the two-phase objectives and stand as the flow row")
     a("--no-baseline", action="store_true", help="do not train the flow-matching baseline beside the model")
     a("--table1", action="store_true", help="train every objective of the paper's Table 1 instead")
     a("--sweep", choices=["bootstrap-frac"], help="exercise 5: train at bootstrap fractions 1/16 .. 1/2 instead")
     a("--reuse", action="store_true", help="reload each model from its checkpoint in --out when its record matches")
     a("--track-exact", type=as_count, metavar="K", help="exercise 7: every K steps, measure the model against "
       "the exact flow")
-    a("--n-samples", type=as_count, help="samples per step count (default: 4000; 3000 with --table1)")
-    a("--out", default="out/toy", help="output folder (default: out/toy)")
+    a("--n-samples", type=checked(int, lambda v: 20 <= v <= 10 ** 6, "from 20 to 10^6"),
+      help="samples per step count (default: 4000; 3000 with --table1)")
+    a("--out", default="out/toy", type=checked(str, bool, "a folder"), help="output folder (default: out/toy)")
     args = p.parse_args(argv)
     args.steps = args.steps or (1600 if args.table1 else 4000)
     args.n_samples = args.n_samples or (3000 if args.table1 else 4000)
-    if args.pair == "ot" and args.objective == "reflow":
-        p.error("--pair ot does not apply to reflow, whose pairs come from its teacher")
+    rows = "--table1" if args.table1 else "--sweep" if args.sweep else None
+    refuse(rows and args.objective != "shortcut", f"--objective: {rows} trains its own rows")
+    refuse(args.sweep and args.bootstrap_frac != 0.25, "--bootstrap-frac: --sweep sets it row by row")
+    refuse(args.pair == "ot" and (args.table1 or args.objective == "reflow"), "--pair ot does not apply to reflow, "
+           "whose pairs come from its teacher")
+    refuse(args.ema_teacher and (args.table1 or B.objective(args.objective).two_phase),
+           "--ema-teacher: a two-phase objective's targets come from its teacher")
     return args
 
 
@@ -475,7 +463,8 @@ def main(argv=None):
     else:
         baseline = B.objective(args.objective).two_phase or not args.no_baseline and args.objective != "flow"
         stem, rows, counts = "toy", [(args.objective, {})] + [("flow", FLOW)] * baseline, [1, 2, 4, 8, 128]
-    with claim(args.out), stop_requests() as args.stop:
+    with claim(args.out):
+        check_outputs(args.out, f"{stem}.json", dataclasses.asdict(record(args)))
         return compare(args, stem, rows, counts)
 
 
@@ -508,25 +497,26 @@ def compare(args, stem, rows, counts):
 
 def replicate(args, rows, seed, gm, path):
     """One seed of a comparison: its data, noise and models, their samples and their measures.
-    The flow-matching row is also the teacher of the two-phase rows and AMED's flow."""
+    The flow-matching row, of the same record but for its objective, is also the teacher of the
+    two-phase rows and AMED's flow."""
     rng = np.random.default_rng(seed)
     train_data = sample_data(args.dataset, 100_000, rng)
     data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
-    teacher, models, logs = None, {}, {}
+    suffix, teacher, models, logs = f"_seed{seed}" * (seed != args.seed), None, {}, {}
     for i, (row, changes) in enumerate(rows):
         run = record(args, seed=seed, **(FLOW if changes is None else changes))
-        flow_row = run.objective == "flow" and run.pair == "independent"
-        two_phase = B.objective(run.objective).two_phase
-        if flow_row or two_phase:
-            teacher = teacher or flow_teacher(args, train_data, seed)
+        flow_row, two_phase = run.objective == "flow" and run.pair == "independent", B.objective(run.objective).two_phase
+        if (flow_row or two_phase) and teacher is None:
+            flow_run = record(args, seed=seed, **FLOW)
+            teacher = (flow_run, *obtain(args, flow_run, "flow" + suffix, train_data))
         if changes is None:           # AMED: the flow row, sampled by a learned solver
             t0 = time.time()
             with torch.random.fork_rng():         # its predictor trains as long as the models, up to 400 steps
                 torch.manual_seed(seed)
-                amed = B.AMED(teacher[1])
-                amed.fit(torch.randn(args.n_samples, 2), iters=min(400, args.steps))
-            models[row], logs[row] = ("amed", amed), {"seconds": time.time() - t0}
+                amed = B.AMED()
+                amed.fit(teacher[1], torch.randn(args.n_samples, 2), iters=min(400, args.steps))
+            models[row], logs[row] = ("amed", (amed, teacher[1])), {"seconds": time.time() - t0}
             continue
         if flow_row:
             _, model, logs[row] = teacher
@@ -534,8 +524,7 @@ def replicate(args, rows, seed, gm, path):
             track = (args.track_exact, lambda m: exact_errors(m, path)) \
                 if args.track_exact and i == 0 and seed == args.seed else None
             model, logs[row] = obtain(args, dataclasses.replace(run, teacher=teacher[0] if two_phase else None),
-                                      file_name(row) + f"_seed{seed}" * (seed != args.seed), train_data,
-                                      teacher[1] if two_phase else None, track)
+                                      file_name(row) + suffix, train_data, teacher[1] if two_phase else None, track)
         models[row] = (run.objective, model.cpu())
     samples, metrics = evaluate(models, x0, data, data_b, gm, path, seed)
     metrics["train_seconds"] = {row: logs[row]["seconds"] for row in models}
@@ -583,7 +572,7 @@ def one_run_figures(args, models, logs, data, x0, path, errors):
     """The usual run's figures: paths, losses and the errors against the exact flow (with
     --track-exact, also during training: returned for the record)."""
     counts, history = [1, 4, 128], next(iter(logs.values())).get("exact")
-    paths = {k: {n: sample(m, x0, n, flow=B.objective(obj).told == "0", trajectory=True)[1].numpy() for n in counts}
+    paths = {k: {n: B.objective(obj).sample(m, x0, n, trajectory=True)[1].numpy() for n in counts}
              for k, (obj, m) in models.items() if B.objective(obj).told != "1 - t"}
     if paths:
         plot_samples(os.path.join(args.out, "trajectories.png"), data,
@@ -595,4 +584,4 @@ def one_run_figures(args, models, logs, data, x0, path, errors):
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, "lower --batch-size or --n-samples")

@@ -1,0 +1,306 @@
+"""What the two training scripts share: run records and their flags, checkpoints and teachers,
+the lock on an output folder, signals, atomic writes and one-line errors."""
+import argparse
+import contextlib
+import dataclasses
+import errno
+import glob
+import json
+import math
+import os
+import signal
+import sys
+
+import torch
+
+try:
+    import fcntl
+except ImportError:      # Windows: no lock, so keep one run per folder by hand
+    fcntl = None
+
+
+class UserError(Exception):
+    """A problem with the user's input: one line on stderr, exit code 2, nothing overwritten."""
+
+
+class TrainingDiverged(Exception):
+    """The loss or the weights became non-finite: exit code 1; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: exit code 128 + the signal's number."""
+
+    def __init__(self, message, signal_name="SIGINT"):
+        super().__init__(message)
+        self.code = 128 + signal.Signals[signal_name].value
+
+
+def refuse(condition, message):
+    """A check of the user's input: UserError(message) if `condition` holds."""
+    if condition:
+        raise UserError(message)
+
+
+def first_line(e):
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def cli(main, oom_hint, argv=None):
+    """Runs a script's main(argv): Ctrl-C and SIGTERM stop it at once (a training loop defers
+    them, `deferred_stop`), and its errors become one line on stderr and an exit code."""
+    def interrupt(number, _):
+        raise Interrupted(f"{signal.Signals(number).name}: stopped; what was saved before is whole",
+                          signal.Signals(number).name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+    try:
+        main(argv)
+    except (UserError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.code)
+    except (MemoryError, RuntimeError) as e:       # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({first_line(e)}); {oom_hint}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                           # a full disk, an --out that is a file
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def deferred_stop():
+    """Within it, Ctrl-C (SIGINT) and SIGTERM (what timeout, Slurm, torchrun and docker send)
+    append the signal's name to the yielded list instead of stopping the process, so that a
+    training loop can finish its step, save and stop."""
+    requests = []
+    previous = {sig: signal.signal(sig, lambda n, _: requests.append(signal.Signals(n).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def agreed_stop(requests, world, device):
+    """The signal that stops every process, or None: the same answer in each, so all must call it
+    at the same step. One process's request is enough (torchrun forwards a signal to each)."""
+    if world == 1:
+        return requests[0] if requests else None
+    names = ["SIGINT", "SIGTERM"]
+    flag = torch.tensor([names.index(requests[0]) + 1 if requests else 0], device=device)
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+    return names[int(flag) - 1] if int(flag) else None
+
+
+################################################################################
+#                          Flags and the run record                            #
+################################################################################
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (UserError), like every other bad input."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def setting(default, help, **flag):
+    """A field of a run record, with the help and argparse options of its flag --NAME (or
+    flag=...): the record is the one place where a setting and its check are defined."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **flag))
+
+
+def add_settings(parser, record, default=None):
+    """A flag for each field of `record` made by `setting`; with default=argparse.SUPPRESS, a
+    flag that is not given leaves no attribute, so that the caller can tell it was not given."""
+    for f in dataclasses.fields(record):
+        if "help" in f.metadata:
+            options = dict(f.metadata)
+            name = options.pop("flag", "--" + f.name.replace("_", "-"))
+            if f.type is bool and "action" not in options:
+                options["action"] = "store_true"
+            parser.add_argument(name, dest=f.name, default=f.default if default is None else default, **options)
+
+
+def checked(kind, ok, need):
+    """An argparse type: kind(text), which must satisfy ok, or argparse's error 'must be NEED'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+        return value
+    return parse
+
+
+as_count = checked(int, lambda v: 1 <= v <= 10 ** 9, "an integer from 1 to 10^9")
+as_share = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+as_positive = checked(float, lambda v: 0 < v < math.inf, "a finite number above 0")
+as_seed = checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)")
+as_power = checked(float, lambda v: 0 <= v <= 2, "in [0, 2]")
+as_t_scale = checked(float, lambda v: 0 < v <= 1e4, "in (0, 10^4]")
+
+
+class Record:
+    """A run record: a frozen dataclass of settings made by `setting`, and `teacher`, the record
+    of a two-phase run's teacher. Saved with every model, so that resuming, sampling and
+    teaching follow what was trained."""
+
+    @classmethod
+    def load(cls, saved):
+        """The record of a saved dict, each setting checked as its flag checks it (ValueError)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if set(saved) != set(fields):
+            raise ValueError(f"its record's fields differ from a {cls.__name__}'s: {sorted(set(saved) ^ set(fields))}")
+        for name, value in saved.items():
+            if name != "teacher" and not (value is None is fields[name].default or valid(fields[name], value)):
+                raise ValueError(f"its record has {name} = {value!r}")
+        return cls(**{**saved, "teacher": saved["teacher"] and cls.load(saved["teacher"])})
+
+
+def valid(field, value):
+    """Whether a saved value passes the check of its setting's flag."""
+    if field.type is bool:
+        return isinstance(value, bool)
+    try:
+        return value in field.metadata.get("choices", [value]) and field.metadata.get("type", str)(str(value)) is not None
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
+
+
+################################################################################
+#                         Checkpoints, teachers, files                         #
+################################################################################
+
+def tensors(state, prefix=""):
+    """(name, tensor) for every floating-point tensor nested in dicts and lists."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    for k, v in items:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            yield f"{prefix}{k}", v
+        else:
+            yield from tensors(v, f"{prefix}{k}.")
+
+
+def load_checkpoint(path, record, flag, script):
+    """A checkpoint's state with its record as `record`; UserError unless it is a whole checkpoint
+    of `script` whose record holds and whose weights and optimiser moments are finite."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path!r}; check the {flag} path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state["run"] = record.load(state["run"])
+    except Exception as e:
+        raise UserError(f"{path!r} is corrupt or not a checkpoint of {script} ({type(e).__name__}: "
+                        f"{first_line(e)}); use another one or start afresh") from None
+    bad = next((name for name, v in tensors(state) if not v.isfinite().all()), None)
+    if bad:
+        raise UserError(f"{path!r} holds non-finite values ({bad}): a diverged run cannot be resumed, sampled or "
+                        "taught from; use an earlier checkpoint")
+    return state
+
+
+def check_teacher(path, teacher, run, same, finished=True):
+    """A teacher must be a finished flow-matching run whose record equals the student's in `same`,
+    all that the student inherits from it."""
+    differ = [f"{k} {getattr(teacher, k)} (not {getattr(run, k)})" for k in same
+              if getattr(teacher, k) != getattr(run, k)]
+    if teacher.objective != "flow" or differ or not finished:
+        raise UserError(f"--teacher {path} must be a finished flow-matching run with the student's "
+                        f"{', '.join(same)}; its record says {teacher.objective}"
+                        + "".join(f", {d}" for d in differ) + ("" if finished else ", unfinished"))
+
+
+def check_outputs(folder, name, record):
+    """A run's outputs are replaced only by a run of the same record: UserError if folder/name
+    (the JSON of a run's measures) exists and holds another record, or none that can be read."""
+    try:
+        with open(os.path.join(folder, name)) as f:
+            theirs = json.load(f)["run"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        theirs = None
+    refuse(theirs != json.loads(json.dumps(record)), f"{folder!r} holds the outputs of another run ({name} says "
+           "so): choose another --out, or remove them")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def claim(folder):
+    """Holds `folder` for one run. The file folder/run.lock carries the pid of the run that holds
+    it, under an flock that the kernel drops when that process dies: a lock left by a dead run is
+    taken over, with the temporary files of its writes, and one held by a live run is refused
+    (UserError). The file stays: removing it would let a second run lock a new one meanwhile."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "run.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path!r} is a symbolic link: a lock file is never followed; remove it") from None
+        raise
+    with os.fdopen(fd, "r+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{folder!r} is in use by another run (pid {f.read().strip() or '?'}); wait for "
+                                "it to finish or choose another folder") from None
+        for tmp in glob.glob(os.path.join(glob.escape(folder), "*.*.tmp")):
+            pid = tmp.rsplit(".", 2)[-2]
+            if pid.isdigit() and not alive(int(pid)):
+                os.remove(tmp)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def write_atomic(path, write):
+    """write(f) fills a new temporary file f of this process's own beside `path` (np.savez,
+    torch.save, fig.savefig, ...), which then replaces `path` by a rename: a failed or
+    interrupted write (a full disk, Ctrl-C, kill -9) leaves the old file whole, two writers never
+    share a temporary file, and a link planted in its place is never followed."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)                       # a dead writer's with this pid, or a planted link
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644),
+                       "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left in {os.path.dirname(os.path.abspath(path))}") from None
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda, then mps, then cpu; anything else is checked (UserError) and returned."""
+    usable = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name != "auto" and not usable.get(name):
+        raise UserError(f"--device {name} was asked for but this torch cannot use it here" if name in usable
+                        else f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name if name != "auto" else next(kind for kind, ok in usable.items() if ok))
