@@ -64,6 +64,8 @@ def draw_noise(x1, pair="independent", y=None):
     "Improved Training Technique for Shortcut Models"): straighter paths, which fewer steps can
     follow. With labels y the assignment is made within each class, so that the noise does not
     carry another class's position into a class-conditional model."""
+    if pair not in ("independent", "ot"):
+        raise ValueError(f"pair must be 'independent' or 'ot', got {pair!r}")
     x0 = torch.randn_like(x1)
     if pair == "independent":
         return x0
@@ -251,9 +253,9 @@ def step_sizes(steps, off_grid=False):
     on_grid = all(2.0 ** round(math.log2(d)) == d >= 1 / MAX_STEPS and (t / d).is_integer()
                   for d, t in zip(sizes, starts) if d > 0)
     if not (sizes and all(d > 0 for d in sizes) and abs(sum(sizes) - 1) < 1e-9 and (off_grid or on_grid)):
-        raise ValueError(f"step sizes must be positive, sum to 1 and, on the training grid, each be a power of "
-                         f"two from 1/{MAX_STEPS} that starts at a multiple of itself, such as [0.5, 0.25, 0.25] "
-                         f"(off_grid=True allows any split); got {steps}")
+        raise ValueError(f"{steps} is off the training grid: step sizes must be positive, sum to 1 and each be a "
+                         f"power of two from 1/{MAX_STEPS} that starts at a multiple of itself, such as [0.5, 0.25, "
+                         f"0.25] (off_grid=True allows any positive split)")
     return sizes
 
 
@@ -296,6 +298,8 @@ class Conditioning(nn.Module):
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
+        if d_embed not in ("level", "end"):
+            raise ValueError(f"d_embed must be 'level' or 'end', got {d_embed!r}")
         self.num_classes, self.d_embed = num_classes, d_embed
         self.t_emb = SinusoidalEmbedder(width, scale=t_scale, freq_dim=freq_dim, mlp=mlp)
         self.d_emb = SinusoidalEmbedder(width, scale=1.0 if d_embed == "level" else t_scale, freq_dim=freq_dim,
