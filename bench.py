@@ -1,10 +1,5 @@
-"""Speed: `python train_images.py --benchmark` times a training step of every objective of
-Table 1, and sampling, on random data of the dataset's shape (no data loading), and prints
-img/s, ms per step, the step time against flow matching, model TFLOP/s and MFU.
-
-FlopCounterMode counts a step's FLOPs over one eager step: every matmul, convolution and
-attention, forward, backward and forward-mode (MeanFlow's JVP); MFU is against the GPU's bf16 peak.
-"""
+"""Speed (train_images.py --benchmark): a training step of every objective of Table 1, and sampling, on random data.
+FLOPs are FlopCounterMode's over one eager step (forward, backward, MeanFlow's JVP); MFU is against the bf16 peak."""
 import copy
 import dataclasses
 import time
@@ -17,41 +12,33 @@ from baselines import OBJECTIVES, make_targets, objective, options_of
 from images import DATA, generate, get_batch
 from shortcut import DiT, ema_update, regress, sample
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device name.
-PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362),
-             ("L4", 121), ("A10", 125), ("4090", 165)]
-
+PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125),
+             ("4090", 165)]      # dense bf16 TFLOP/s from the data sheets; the first name in the device's counts
 
 def timed(fn, warmup, reps, device):
-    for _ in range(warmup):
-        fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    for i in range(warmup + reps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
         fn()
     sync()
     return (time.perf_counter() - t0) / reps
 
-
 def benchmark(run, args, cfg, device):
-    """Training speed of every objective with the run's model and batch, and sampling speed.
-    Returns {objective: (seconds per step, FLOPs per step)}."""
-    info = DATA[run.dataset]
-    g = torch.Generator(device=device).manual_seed(run.seed)
+    """Returns {objective: (seconds per step, FLOPs per step)}, for the run's model and batch."""
+    info, cuda, g = DATA[run.dataset], device.type == "cuda", torch.Generator(device=device).manual_seed(run.seed)
     shape = (4 * run.batch_size, info.channels, info.size, info.size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
     labels = torch.randint(info.classes, shape[:1], device=device, generator=g) if info.classes else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak = next((p for key, p in PEAK_BF16 if key in gpu), None) if device.type == "cuda" else None
-    warmup = args.bench_warmup + (10 if args.compile else 0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    gpu = torch.cuda.get_device_name(device) if cuda else device.type
+    peak = next((p for key, p in PEAK_BF16 if key in gpu), None)
+    warmup, times = args.bench_warmup + (10 if args.compile else 0), {}
     print(f"benchmark on {gpu}: DiT-{run.model}/{run.patch} at {info.size}x{info.size}x{info.channels}, "
-          f"batch {run.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
-          f"{', compiled' if args.compile else ''}, {args.bench_steps} timed steps after {warmup} warm-up; "
-          f"peak {peak or 'unknown'} TFLOP/s dense bf16")
+          f"batch {run.batch_size}, {'bf16 autocast' if cuda else 'fp32'}{', compiled' if args.compile else ''}, "
+          f"{args.bench_steps} timed steps after {warmup} warm-up; peak {peak or 'unknown'} TFLOP/s dense bf16")
     print(f"  {'objective':26s}{'img/s':>10s}{'ms/step':>10s}{'vs flow':>9s}{'TFLOP/s':>10s}{'MFU':>8s}")
-    times = {}
     for name in OBJECTIVES:
         model = DiT(cfg).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -70,20 +57,16 @@ def benchmark(run, args, cfg, device):
             ema_update(ema, model, run.ema)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             step(model)          # the math kernel spells attention as matmuls, which every device counts
-        flops = counter.get_total_flops()
         net = torch.compile(model) if args.compile else model
-        dt = timed(lambda: step(net), warmup, args.bench_steps, device)
-        times[name] = (dt, flops)
-        mfu = f"{flops / dt / 1e12 / peak:7.1%}" if peak else "    n/a"
+        times[name] = dt, flops = timed(lambda: step(net), warmup, args.bench_steps, device), counter.get_total_flops()
         print(f"  {name:26s}{run.batch_size / dt:10.0f}{dt * 1e3:10.2f}{dt / times['flow'][0]:9.3f}"
-              f"{flops / dt / 1e12:10.3g} {mfu}", flush=True)
+              f"{flops / dt / 1e12:10.3g} " + (f"{flops / dt / 1e12 / peak:7.1%}" if peak else "    n/a"), flush=True)
     x0 = torch.randn(args.eval_batch_size, *shape[1:], device=device, generator=g)
     y = torch.arange(args.eval_batch_size, device=device) % info.classes if info.classes else None
     sampler = torch.compile(ema.eval()) if args.compile else ema.eval()
-    for N in (1, 128):
+    for N in (1, 128):          # N = 1 warms up for both
         dt = timed(lambda: generate(sample, sampler, x0, N, y, args.cfg_scale, args.eval_batch_size, to_cpu=False),
-                   int(N == 1), max(1, args.bench_steps // N), device)      # N = 1 warms up for both
+                   int(N == 1), max(1, args.bench_steps // N), device)
         print(f"  sampling, {N:3d} step{'s' if N > 1 else ' '}       {args.eval_batch_size / dt:10.0f} img/s "
               f"(batch {args.eval_batch_size})")
     return times
-

@@ -34,9 +34,9 @@ import torch
 import bench
 from baselines import OBJECTIVES, defaults, make_targets, new_stage, objective, options_of, stage
 from images import DATA, evaluate, fid_scores, get_batch, load_dataset
-from runs import (Interrupted, Parser, Record, TrainingDiverged, add_settings, agreed_stop, as_count, as_positive,
+from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count, as_positive,
                   as_power, as_seed, as_share, as_t_scale, check_outputs, check_teacher, checked, claim, cli,
-                  deferred_stop, load_checkpoint, pick_device, refuse, setting, write_atomic)
+                  deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting, write_atomic)
 from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress, step_sizes
 
 
@@ -139,7 +139,8 @@ def parse_args(argv=None):
 def the_run(args):
     """The run record, from the flags or restored from --resume, the checkpoint's state and the
     teacher's. Every flag and path is checked here, before anything is trained or written."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if hasattr(args, f.name)}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if "help" in f.metadata
+             and hasattr(args, f.name)}
     refuse(args.sample_only and not args.resume, "--sample-only needs --resume PATH, the checkpoint to sample")
     refuse(args.resume and args.teacher, "--teacher cannot change on --resume: the checkpoint holds its teacher")
     refuse(os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is a file")
@@ -150,7 +151,7 @@ def the_run(args):
     else:
         run = state["run"]
         for name, value in given.items():
-            refuse(name != "steps" and getattr(run, name) != value or args.sample_only,
+            refuse(getattr(run, name) != value and (name != "steps" or args.sample_only),
                    f"--{name.replace('_', '-')} {value} contradicts {args.resume!r}, whose run has {name} = "
                    f"{getattr(run, name)}: a resumed run keeps its record; {FREE}")
         steps = given.get("steps", run.steps)
@@ -250,26 +251,30 @@ def main(argv=None):
                 torch.distributed.broadcast(p.detach(), 0)    # but all start from the same weights
             ema = copy.deepcopy(model).requires_grad_(False)
             opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay,
-                                    fused=device.type == "cuda")
+                                    fused=device.type in ("cuda", "cpu"))
             two_phase = objective(run.objective).two_phase
             teacher = DiT(dataclasses.replace(cfg, t_scale=run.teacher.t_scale)).to(device).requires_grad_(False) \
                 if two_phase else None
-            if taught is not None:
-                teacher.load_state_dict(taught["ema"])
-                if run.objective == "progressive-distillation":     # the student starts as its teacher
-                    model.load_state_dict(taught["ema"])
-                    ema.load_state_dict(taught["ema"])
             start = state["step"] if state else 0
-            if state is not None:
-                model.load_state_dict(state["model"])
-                ema.load_state_dict(state["ema"])
-                opt.load_state_dict(state["opt"])
-                if teacher is not None:
-                    teacher.load_state_dict(state["teacher"])
-                if len(state["rng"]) == world:        # else, under another world size: fresh draws
-                    torch.set_rng_state(state["rng"][rank][0])
-                    if device.type == "cuda" and state["rng"][rank][1] is not None:
-                        torch.cuda.set_rng_state(state["rng"][rank][1], device)
+            try:
+                if taught is not None:
+                    teacher.load_state_dict(taught["ema"])
+                    if run.objective == "progressive-distillation":     # the student starts as its teacher
+                        model.load_state_dict(taught["ema"])
+                        ema.load_state_dict(taught["ema"])
+                if state is not None:
+                    model.load_state_dict(state["model"])
+                    ema.load_state_dict(state["ema"])
+                    opt.load_state_dict(state["opt"])
+                    if teacher is not None:
+                        teacher.load_state_dict(state["teacher"])
+                    if len(state["rng"]) == world:        # else, under another world size: fresh draws
+                        torch.set_rng_state(state["rng"][rank][0])
+                        if device.type == "cuda" and state["rng"][rank][1] is not None:
+                            torch.cuda.set_rng_state(state["rng"][rank][1], device)
+            except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+                raise UserError(f"{args.resume or args.teacher!r} does not fit its record's model "
+                                f"({type(e).__name__}: {first_line(e)})") from None
             log(f"{run.dataset}: {len(data)} images, DiT-{run.model}/{run.patch} "
                 f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), device {device} x {world}, "
                 f"batch {run.batch_size}, objective {run.objective}" + (f", resumed at step {start}" if state else ""))

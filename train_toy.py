@@ -10,8 +10,7 @@ network, budget and seed (the two-phase objectives learn from it), samples both 
 steps from the same noise, and writes to --out: toy.md (the measures), toy.json, toy.npz (the
 samples), toy.png, trajectories.png, losses.png, exact.png (against the true flow of a Gaussian
 mixture) and a checkpoint per model with its record. --table1 and --sweep write table1.* and
-sweep.* instead. A folder's outputs are replaced only by a run of the same record.
-"""
+sweep.* instead. A folder's outputs are replaced only by a run of the same record."""
 import argparse
 import copy
 import dataclasses
@@ -21,7 +20,6 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,29 +28,20 @@ import baselines as B
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, as_count, as_positive,
                   as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli, deferred_stop,
                   load_checkpoint, refuse, setting, write_atomic)
-from shortcut import MAX_STEPS, MLP, ema_update, regress, sample, velocity
+from shortcut import MAX_STEPS, MLP, ema_update, regress, sample
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
-
-################################################################################
-#              Gaussian mixtures and their exact flow (the truth)              #
-################################################################################
-
+# ------------------------------------ Gaussian mixtures and their exact flow ------------------------------------
 class GaussianMixture:
-    """x1 ~ sum_k pi_k N(mu_k, Sigma_k), with the exact velocity and flow map of the path.
-
-    Given component k, x_t ~ N(t mu_k, C_k) with C_k(t) = (1-t)^2 I + t^2 Sigma_k, and
-    E[x1 - x0 | x_t, k] = mu_k + (t Sigma_k - (1-t) I) C_k^-1 (x_t - t mu_k). The velocity is
-    the mixture of these regressions weighted by the posterior w_k ∝ pi_k N(x_t; t mu_k, C_k).
-    """
+    """x1 ~ sum_k pi_k N(mu_k, Sigma_k), with the exact velocity and flow map of its path. Given k, x_t ~ N(t mu_k, C_k)
+    with C_k(t) = (1-t)^2 I + t^2 Sigma_k, and E[x1 - x0 | x_t, k] = mu_k + (t Sigma_k - (1-t) I) C_k^-1 (x_t - t mu_k):
+    the velocity mixes these by the posterior w_k ∝ pi_k N(x_t; t mu_k, C_k)."""
 
     def __init__(self, weights, means, covs):
-        self.pi = torch.as_tensor(weights, dtype=torch.float64)
-        self.pi = self.pi / self.pi.sum()
-        self.mu = torch.as_tensor(np.asarray(means), dtype=torch.float64)          # (K, D)
-        self.cov = torch.as_tensor(np.asarray(covs), dtype=torch.float64)          # (K, D, D)
-        self.lam, self.U = torch.linalg.eigh(self.cov)                  # (K, D), (K, D, D)
+        self.pi = (pi := torch.as_tensor(weights, dtype=torch.float64)) / pi.sum()
+        self.mu, self.cov = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (means, covs))
+        self.lam, self.U = torch.linalg.eigh(self.cov)          # mu, lam (K, D); cov, U (K, D, D)
 
     def sample(self, n, rng):
         k, z = rng.choice(len(self.pi), size=n, p=self.pi.numpy()), rng.standard_normal((n, self.mu.shape[1]))
@@ -64,16 +53,13 @@ class GaussianMixture:
         return ((r[..., None, :] @ self.U)[..., 0, :] ** 2 / self.lam).sum(-1)
 
     def velocity(self, x, t):
-        """v(x, t) for x (B, D) and t (B,), in float64. With Sigma_k = U diag(lam) U^T, C_k is
-        diagonal in the same basis, so the solve and the log-determinant are elementwise there."""
-        t = t.double()[:, None, None]                                   # (B, 1, 1)
-        r = x.double()[:, None] - t * self.mu                           # (B, K, D)
-        r_u = (r[..., None, :] @ self.U)[..., 0, :]                     # U^T r
-        c = (1 - t) ** 2 + t ** 2 * self.lam                            # eigenvalues of C_k
-        gain = (t * self.lam - (1 - t)) / c                             # of (t Sigma - (1-t) I) C^-1
+        """v(x, t) in float64. C_k is diagonal in the eigenbasis U of Sigma_k: its solve and log-det are elementwise."""
+        t = t.double()[:, None, None]                                                   # (B, 1, 1)
+        r_u = ((x.double()[:, None] - t * self.mu)[..., None, :] @ self.U)[..., 0, :]  # U^T (x - t mu_k), (B, K, D)
+        c = (1 - t) ** 2 + t ** 2 * self.lam                                            # eigenvalues of C_k
+        gain = (t * self.lam - (1 - t)) / c                                             # of (t Sigma - (1-t) I) C^-1
         v_k = self.mu + ((gain * r_u)[..., None, :] @ self.U.mT)[..., 0, :]
-        logp = -0.5 * (r_u ** 2 / c + torch.log(c)).sum(-1)
-        w = torch.softmax(torch.log(self.pi) + logp, dim=1)             # (B, K)
+        w = torch.softmax(torch.log(self.pi) - 0.5 * (r_u ** 2 / c + torch.log(c)).sum(-1), dim=1)     # (B, K)
         return (w[:, None] @ v_k)[:, 0]
 
     def flow_map(self, x, t, d, h=1.0 / 1024):
@@ -88,12 +74,9 @@ class GaussianMixture:
             x, t = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), t + dt
         return x
 
-
 def ring(n=8, radius=1.5, std=0.15):
-    angles = 2 * np.pi * np.arange(n) / n
-    means = radius * np.stack([np.cos(angles), np.sin(angles)], 1)
-    return GaussianMixture(np.ones(n), means, np.tile(std ** 2 * np.eye(2), (n, 1, 1)))
-
+    a = 2 * np.pi * np.arange(n) / n
+    return GaussianMixture(np.ones(n), radius * np.stack([np.cos(a), np.sin(a)], 1), [std ** 2 * np.eye(2)] * n)
 
 def skewed_mixture():
     """Four anisotropic components of unequal weight: a harder, lopsided target."""
@@ -103,29 +86,20 @@ def skewed_mixture():
     return GaussianMixture([0.4, 0.3, 0.2, 0.1], [[-1.0, -0.6], [1.0, 1.0], [1.1, -1.2], [-1.2, 1.3]],
                            [cov(0.5, 0.12, 0.6), cov(0.3, 0.3, 0.0), cov(0.4, 0.1, -1.0), cov(0.15, 0.15, 0.0)])
 
+MIXTURES = {"ring": ring, "mixture": skewed_mixture}
 
 @functools.lru_cache(maxsize=None)
 def mixture_paths(dataset, n=512):
-    """n noise points carried along the exact flow of a named mixture by fine RK4, at every
-    multiple of 1/128: (129, n, 2), once per process. They follow the true marginals p_t."""
-    gm, x = MIXTURES[dataset](), torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    path = [x]
+    """n noise points on the exact flow (fine RK4) at every multiple of 1/128, (129, n, 2): they follow the true p_t."""
+    gm, path = MIXTURES[dataset](), [torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
     for i in range(MAX_STEPS):
         path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
     return torch.stack(path)
 
-
-################################################################################
-#                             Datasets and measures                            #
-################################################################################
-
+# -------------------------------------------- Datasets and measures ---------------------------------------------
 def sample_data(name, n, rng):
     """n points (float32) of a named mixture: `ring` (8 Gaussians) or `mixture` (4 skewed ones)."""
     return MIXTURES[name]().sample(n, rng).astype(np.float32)
-
-
-MIXTURES = {"ring": ring, "mixture": skewed_mixture}
-
 
 def sliced_w2(a, b, n_proj=512, seed=0):
     """Sliced Wasserstein-2 distance between two equal-sized point clouds."""
@@ -133,19 +107,14 @@ def sliced_w2(a, b, n_proj=512, seed=0):
     theta /= np.linalg.norm(theta, axis=0)
     return float(np.sqrt(((np.sort(a @ theta, axis=0) - np.sort(b @ theta, axis=0)) ** 2).mean()))
 
-
 def off_mode_fraction(x, gm, k=3.0):
-    """The share of points more than k sigma (in Mahalanobis distance) from every component of
-    a mixture: the smear between modes that sliced W2 hardly sees. In 2-D, fresh data scores
-    exp(-k^2/2), 1.1% for k = 3. A non-finite point is off every mode."""
+    """The share of points (non-finite ones too) more than k sigma from every mode: the smear between modes that sliced
+    W2 hardly sees. Fresh 2-D data scores exp(-k^2/2), 1.1% for k = 3."""
     return float((~(gm.mahalanobis(x).min(1).values <= k * k)).double().mean())
 
-
 def spread(x, gm):
-    """How wide the samples lie within their modes, which the off-mode share cannot see: each finite
-    sample joins its nearest component, whose sample covariance C is compared with the true one by
-    tr(Sigma^-1 C) / D, averaged over the components that drew 10 samples or more. Fresh data
-    scores 1, samples shrunk towards their modes by 1/2 score 1/4, a smear more than 1."""
+    """How wide samples lie within their modes, which the off-mode share cannot see: tr(Sigma_k^-1 C_k) / D averaged
+    over the modes k nearest to 10 finite samples or more (covariance C_k). Data: 1; shrunk by 1/2: 1/4; smeared > 1."""
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     x = x[torch.isfinite(x).all(1)]
     nearest = gm.mahalanobis(x).argmin(1)
@@ -153,37 +122,28 @@ def spread(x, gm):
               for k in range(len(gm.mu)) if (nearest == k).sum() >= 10]
     return float(torch.stack(ratios).mean()) if ratios else float("nan")
 
-
 @torch.no_grad()
 def exact_errors(model, path, told="step"):
-    """RMS error of s(x_t, t, d) against the exact jump (x_{t+d} - x_t)/d, for each d = 1/N, from
-    the pairs (x_t, x_{t+d}) at t = 0, d, 2d, ... along the true paths. told is the d the network
-    is told (baselines.Objective.told): "0" queries the velocity, a flow model's only answer;
-    "1 - t" compares the jump to the end, (x_1 - x_t)/(1 - t), at the same points."""
+    """RMS error of s(x_t, t, d) against the exact jump (x_{t+d} - x_t)/d on the true paths, for each d = 1/N. told is
+    the d the model is told (baselines.Objective.told): "0", a flow model's velocity; "1 - t", the jump to the end."""
     n, errors = path.shape[1], {}
     for n_steps in STEP_COUNTS:
         stride, d = MAX_STEPS // n_steps, 1.0 / n_steps
         x_t, x_next = path[:-1:stride].reshape(-1, 2), path[stride::stride].reshape(-1, 2)
         t = (torch.arange(n_steps).repeat_interleave(n) * d).double()
-        if told == "1 - t":
-            query, exact = 1 - t, (path[-1].repeat(n_steps, 1) - x_t) / (1 - t)[:, None]
-        else:
-            query, exact = torch.full_like(t, 0.0 if told == "0" else d), (x_next - x_t) / d
-        pred = model(x_t.float(), t.float(), query.float())
-        errors[n_steps] = float((pred.double() - exact).pow(2).sum(1).mean().sqrt())
+        query, exact = (1 - t, (path[-1].repeat(n_steps, 1) - x_t) / (1 - t)[:, None]) if told == "1 - t" else \
+            (torch.full_like(t, 0.0 if told == "0" else d), (x_next - x_t) / d)
+        pred = model(x_t.float(), t.float(), query.float()).double()
+        errors[n_steps] = float((pred - exact).pow(2).sum(1).mean().sqrt())
     return errors
 
-
 def evaluate(models, x0, data, data_b, gm, path, seed=0):
-    """Samples of each model (name -> (objective or "amed", model)) from the same noise x0, its
-    sampler's fresh noise seeded alike, keyed by network evaluations (NFE: the steps, twice them
-    for AMED), and their measures at every NFE: the off-mode share, the spread, sliced W2 and the
-    exact error (None for AMED and for diffusion, whose flow map differs)."""
+    """Samples of each model (name -> (objective or "amed", model)) from the same noise x0 and sampler seed, by NFE
+    (AMED takes 2 a step), and their measures; no exact error for AMED or diffusion, whose flow map differs."""
     samples = {}
     for name, (kind, model) in models.items():
-        sampler, nfe = (B.objective(kind).sample, 1) if kind != "amed" else \
-            (functools.partial(sample, rule=model[0].step, off_grid=True), 2)
-        model = model[1] if kind == "amed" else model
+        sampler, nfe, model = (functools.partial(sample, rule=model[0].step, off_grid=True), 2, model[1]) \
+            if kind == "amed" else (B.objective(kind).sample, 1, model)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             samples[name] = {nfe * n: sampler(model, x0, n).numpy() for n in STEP_COUNTS if nfe * n <= MAX_STEPS}
@@ -199,15 +159,10 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
                               exact_errors(m, path, B.objective(kind).told) for name, (kind, m) in models.items()}
     return samples, metrics
 
-
-################################################################################
-#                           The run record and training                        #
-################################################################################
-
-@dataclass(frozen=True)
+# ----------------------------------------- The run record and training ------------------------------------------
+@dataclasses.dataclass(frozen=True)
 class Run(Record):
-    """Every setting that defines a toy model, each with its flag. A checkpoint holds its record
-    (a two-phase model's holds its teacher's too): --reuse reloads only an equal record."""
+    """Every setting of a toy model, each with its flag; a checkpoint holds it (and its teacher's), --reuse compares."""
     dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
     objective: str = setting("shortcut", "what the model trains on (default: shortcut)", choices=list(B.OBJECTIVES))
     pair: str = setting("independent", "noise-data pairs: independent (default) or by minibatch optimal transport",
@@ -236,20 +191,16 @@ class Run(Record):
                            choices=["level", "end"])
     teacher: "Run | None" = None
 
-
 def record(args, **changes):
     """The Run of the flags, some fields changed, and the objective's loss power and t scale if open."""
     settings = {**{f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"}, **changes}
     return Run(**B.defaults(settings["objective"], **settings))
 
-
 def train(run, data, teacher=None, track=None, label=None):
-    """Trains one MLP by its record; returns it and its log (the loss parts per step, seconds, and
-    with `track` = (K, f) the exact errors f(model) every K steps). teacher: the flow model of a
-    two-phase objective, of the same record but for its objective. The lr decays to 0, so the
-    model itself is sampled, not an EMA. Ctrl-C or SIGTERM stops it after the step."""
+    """One MLP and its log (loss parts, seconds, with track = (K, f) f(model) every K steps). The lr decays to 0, so
+    the model itself is sampled, not an EMA; Ctrl-C or SIGTERM stops it after the step."""
     torch.manual_seed(run.seed)
-    label, two_phase = label or run.objective, B.objective(run.objective).two_phase
+    label = label or run.objective
     model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
     if run.objective == "progressive-distillation":       # the student starts as its teacher, which then changes
         model.load_state_dict(teacher.state_dict())
@@ -263,8 +214,7 @@ def train(run, data, teacher=None, track=None, label=None):
     log, t0, last = {"fm": [], "sc": [], "exact": {}}, time.time(), 0.0
     with deferred_stop() as stop:
         for step in range(run.steps):
-            x1 = data[torch.randint(len(data), (run.batch_size,))]
-            progress = step / run.steps
+            x1, progress = data[torch.randint(len(data), (run.batch_size,))], step / run.steps
             tg = B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress, **options)
             loss, parts = regress(model, tg, run.loss_power)
             opt.zero_grad(set_to_none=True)
@@ -293,11 +243,9 @@ def train(run, data, teacher=None, track=None, label=None):
     log["seconds"] = time.time() - t0
     return model.eval(), log
 
-
 def save_model(path, run, model, seconds):
     write_atomic(path, lambda f: torch.save({"run": dataclasses.asdict(run), "model": model.state_dict(),
                                              "seconds": seconds}, f))
-
 
 def load_model(path):
     """(record, model, training seconds) of a toy checkpoint; UserError unless it is whole and finite."""
@@ -310,10 +258,8 @@ def load_model(path):
         raise UserError(f"{path} does not fit its record ({type(e).__name__})") from None
     return run, model.eval(), float(state["seconds"])
 
-
 def obtain(args, run, name, train_data, teacher=None, track=None):
-    """The model of record `run` and its training log: with --reuse, reloaded from --out/NAME.pt
-    when that holds the same record, else trained and saved there."""
+    """The model of `run` and its log: with --reuse from --out/NAME.pt if that holds the same record, else trained."""
     path = os.path.join(args.out, f"{name}.pt")
     if args.reuse and os.path.isfile(path):
         try:
@@ -327,39 +273,32 @@ def obtain(args, run, name, train_data, teacher=None, track=None):
     save_model(path, run, model, log["seconds"])
     return model, log
 
-
-################################################################################
-#                                   Figures                                    #
-################################################################################
-
+# ---------------------------------------------------- Figures ---------------------------------------------------
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
-
 def plot_samples(path, data, samples, counts, off=None, paths=None):
-    """A row per model and a column per step count, over the data in grey: the samples, or with
-    `paths` (N+1, n, 2) their first 250 paths from the noise; the last column is the data alone."""
+    """A row per model, a column per step count (and the data): samples over the data, or with `paths` 250 paths."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     rows, lim = list(samples), np.abs(data).max() * 1.15 if paths is None else 3.0    # 3: where the noise starts
     fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.3 * (len(counts) + 1), 2.3 * len(rows)),
                              squeeze=False)
     for r, model in enumerate(rows):
-        for c, n in enumerate(counts + ["data"]):
-            ax, color = axes[r, c], f"C{r % 10}"
+        for ax, n in zip(axes[r], counts + ["data"]):
             if n != "data" and n not in samples[model]:      # AMED takes 2 evaluations a step
                 ax.set_axis_off()
                 continue
-            ax.scatter(data[:2000, 0], data[:2000, 1], s=1, color="k" if n == "data" else "0.85")
+            ax.scatter(*data[:2000].T, s=1, color="k" if n == "data" else "0.85")
             if n != "data" and paths is not None:
                 ax.add_collection(LineCollection(paths[model][n][:, :250].transpose(1, 0, 2), lw=0.5, alpha=0.5,
-                                                 color=color))
+                                                 color=f"C{r % 10}"))
             if n != "data":
                 ax.scatter(*samples[model][n][:2000 if paths is None else 250].T, s=1, alpha=0.4,
-                           color=color if paths is None else "k")
+                           color=f"C{r % 10}" if paths is None else "k")
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
             title = "" if r else "data" if n == "data" else f"{n} step{'s' * (n > 1)}"
             if off is not None:      # the share of points more than 3 sigma from every mode
@@ -368,10 +307,8 @@ def plot_samples(path, data, samples, counts, off=None, paths=None):
         axes[r, 0].set_ylabel(model, fontsize=8)
     save_figure(fig, path)
 
-
 def plot_exact(path, errors, models, one_step, history=None, n_points=300):
-    """Against the exact flow: each model's error at every d, its one-step jumps against
-    Phi_{0->1}, and with --track-exact the first model's errors during training."""
+    """Each model's error at every d and its one-step jumps against the exact flow, and the errors during training."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     fig, axes = plt.subplots(1, 1 + len(models) + bool(history), figsize=(4.3 * (1 + len(models) + bool(history)), 4))
@@ -388,8 +325,7 @@ def plot_exact(path, errors, models, one_step, history=None, n_points=300):
         axes[-1].set(yscale="log", xlabel="training step", title="the errors during training")
         axes[-1].legend(fontsize=7, ncol=2)
     x0, exact = one_step[0][:n_points], one_step[1][:n_points]
-    for i, (ax, name) in enumerate(zip(axes[1:1 + len(models)], models)):
-        obj, model = models[name]
+    for i, (ax, (name, (obj, model))) in enumerate(zip(axes[1:], models.items())):
         with torch.no_grad():
             jump = x0 + model(x0, torch.zeros(len(x0)), torch.full((len(x0),), float(B.objective(obj).told != "0")))
         ax.add_collection(LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
@@ -398,7 +334,6 @@ def plot_exact(path, errors, models, one_step, history=None, n_points=300):
         ax.set(aspect="equal", xticks=[], yticks=[], title=f"{name}: one step of size 1 (red: error)")
         ax.legend(loc="lower left", fontsize=7)
     save_figure(fig, path)
-
 
 def plot_losses(path, logs, window=50):
     """The running mean of each part of the loss during training; symlog, so that 0 shows."""
@@ -417,11 +352,7 @@ def plot_losses(path, logs, window=50):
             ax.text(0.5, 0.5, "no rows of this kind", ha="center", transform=ax.transAxes)
     save_figure(fig, path)
 
-
-################################################################################
-#                                     Main                                     #
-################################################################################
-
+# ----------------------------------------------------- Main -----------------------------------------------------
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings(p, Run)
@@ -432,8 +363,8 @@ def parse_args(argv=None):
     a("--table1", action="store_true", help="train every objective of the paper's Table 1 instead")
     a("--sweep", choices=["bootstrap-frac"], help="exercise 5: train at bootstrap fractions 1/16 .. 1/2 instead")
     a("--reuse", action="store_true", help="reload each model from its checkpoint in --out when its record matches")
-    a("--track-exact", type=as_count, metavar="K", help="exercise 7: every K steps, measure the model against "
-      "the exact flow")
+    a("--track-exact", type=as_count, metavar="K",
+      help="exercise 7: every K steps, measure the model against the exact flow")
     a("--n-samples", type=checked(int, lambda v: 20 <= v <= 10 ** 6, "from 20 to 10^6"),
       help="samples per step count (default: 4000; 3000 with --table1)")
     a("--out", default="out/toy", type=checked(str, bool, "a folder"), help="output folder (default: out/toy)")
@@ -449,38 +380,29 @@ def parse_args(argv=None):
            "--ema-teacher: a two-phase objective's targets come from its teacher")
     return args
 
-
 FLOW = dict(objective="flow", pair="independent")
 TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [
     ("shortcut, robust loss", dict(objective="shortcut", loss_power=0.5)), ("AMED on flow", None)]
 SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) for n in (16, 8, 4, 2)]
 
-
 def main(argv=None):
     args = parse_args(argv)
-    if args.table1 or args.sweep:
-        stem, rows, counts = ("table1", TABLE1, [1, 4, 128]) if args.table1 else ("sweep", SWEEP, [1, 4, 128])
-    else:
-        baseline = B.objective(args.objective).two_phase or not args.no_baseline and args.objective != "flow"
-        stem, rows, counts = "toy", [(args.objective, {})] + [("flow", FLOW)] * baseline, [1, 2, 4, 8, 128]
+    baseline = B.objective(args.objective).two_phase or not args.no_baseline and args.objective != "flow"
+    stem = "table1" if args.table1 else "sweep" if args.sweep else "toy"
+    rows = {"table1": TABLE1, "sweep": SWEEP, "toy": [(args.objective, {})] + [("flow", FLOW)] * baseline}[stem]
     with claim(args.out):
         check_outputs(args.out, f"{stem}.json", dataclasses.asdict(record(args)))
-        return compare(args, stem, rows, counts)
-
+        return compare(args, stem, rows, [1, 2, 4, 8, 128] if stem == "toy" else [1, 4, 128])
 
 def compare(args, stem, rows, counts):
-    """Trains (with --reuse: reloads) the model of every row for each seed, measures them all,
-    and writes STEM.md (the tables), STEM.json, STEM.npz and STEM.png (the first seed's samples
-    at `counts` steps); the usual run, stem 'toy', also draws the figures of its models."""
+    """Every row's model for each seed, measured: STEM.md, .json, .npz, .png (the first seed's samples at `counts`)."""
     start, seeds = time.time(), range(args.seed, args.seed + args.seeds)
     gm, path = MIXTURES[args.dataset](), mixture_paths(args.dataset)
-    first, *others = [replicate(args, rows, seed, gm, path) for seed in seeds]
-    per_seed = [first[-1]] + [m[-1] for m in others]
+    runs = [replicate(args, rows, seed, gm, path) for seed in seeds]
+    (models, logs, data, x0, samples, _), per_seed = runs[0], [r[-1] for r in runs]
     metrics = {"run": dataclasses.asdict(record(args)), "seeds": list(seeds),
-               **{k: average([m[k] for m in per_seed]) for k in per_seed[0]}}
-    if others:
-        metrics["per_seed"] = per_seed
-    models, logs, data, x0, samples, _ = first
+               **{k: average([m[k] for m in per_seed]) for k in per_seed[0]},
+               **({"per_seed": per_seed} if len(runs) > 1 else {})}
     if stem == "toy":
         metrics.update(one_run_figures(args, models, logs, data, x0, path, per_seed[0].get("exact_error")))
     md = tables(metrics, counts, f"{stem}: {args.dataset}, MLP {args.width}x{args.depth}, {args.steps} steps of batch "
@@ -494,14 +416,11 @@ def compare(args, stem, rows, counts):
     print(f"\ndone in {time.time() - start:.1f}s; wrote {stem}.md, .json, .npz, .png and checkpoints to {args.out}")
     return metrics
 
-
 def replicate(args, rows, seed, gm, path):
-    """One seed of a comparison: its data, noise and models, their samples and their measures.
-    The flow-matching row, of the same record but for its objective, is also the teacher of the
-    two-phase rows and AMED's flow."""
+    """One seed of a comparison: its data, noise, models, samples and measures. The flow-matching row (the same record
+    but for its objective) is also the teacher of the two-phase rows and AMED's flow."""
     rng = np.random.default_rng(seed)
-    train_data = sample_data(args.dataset, 100_000, rng)
-    data, data_b = sample_data(args.dataset, args.n_samples, rng), sample_data(args.dataset, args.n_samples, rng)
+    train_data, data, data_b = (sample_data(args.dataset, n, rng) for n in (100_000, args.n_samples, args.n_samples))
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     suffix, teacher, models, logs = f"_seed{seed}" * (seed != args.seed), None, {}, {}
     for i, (row, changes) in enumerate(rows):
@@ -530,11 +449,9 @@ def replicate(args, rows, seed, gm, path):
     metrics["train_seconds"] = {row: logs[row]["seconds"] for row in models}
     return models, logs, data, x0, samples, metrics
 
-
 def file_name(row):
     """A row's name as a file or key name: 'shortcut, robust loss' -> 'shortcut_robust_loss'."""
     return re.sub(r"[^A-Za-z0-9-]+", "_", row)
-
 
 def average(values):
     """The mean over seeds of nested dicts of numbers (None where a seed has None)."""
@@ -542,16 +459,13 @@ def average(values):
         return {k: average([v[k] for v in values]) for k in values[0]}
     return None if any(v is None for v in values) else float(np.mean(values))
 
-
 MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "{:.1%}"),
             ("spread", "spread within the modes, tr(Sigma^-1 C) / D: 1 is the data's, below 1 too tight", "{:.2f}"),
             ("sliced_w2", "sliced W2 to fresh data", "{:.3f}"),
             ("exact_error", "RMS error of s(x_t, t, d) against the exact jump, d = 1/NFE", "{:.3f}")]
 
-
 def tables(metrics, counts, head):
-    """The measures as markdown: a table per measure, a row per model and a column per step
-    count N; over several seeds each cell is the mean ± the standard deviation."""
+    """A markdown table per measure, a row per model, a column per NFE; over seeds, mean ± standard deviation."""
     out, rows = [head, ""], list(metrics["train_seconds"])
     for key, title, fmt in (m for m in MEASURES if m[0] in metrics):
         ref = metrics[key].get("data")
@@ -564,13 +478,11 @@ def tables(metrics, counts, head):
                 if "per_seed" in metrics else "") for n in counts]
             out += [f"| {row} | " + " | ".join(cells) + " |"]
         out += [""]
-    seconds = ", ".join(f"{row} {metrics['train_seconds'][row]:.1f}" for row in rows)
+    seconds = ", ".join(f"{row} {s:.1f}" for row, s in metrics["train_seconds"].items())
     return "\n".join(out + [f"training seconds: {seconds}"]) + "\n"
 
-
 def one_run_figures(args, models, logs, data, x0, path, errors):
-    """The usual run's figures: paths, losses and the errors against the exact flow (with
-    --track-exact, also during training: returned for the record)."""
+    """The figures of the usual run; returns the errors during training (--track-exact) for the record."""
     counts, history = [1, 4, 128], next(iter(logs.values())).get("exact")
     paths = {k: {n: B.objective(obj).sample(m, x0, n, trajectory=True)[1].numpy() for n in counts}
              for k, (obj, m) in models.items() if B.objective(obj).told != "1 - t"}
@@ -581,7 +493,6 @@ def one_run_figures(args, models, logs, data, x0, path, errors):
         plot_losses(os.path.join(args.out, "losses.png"), {k: v for k, v in logs.items() if "fm" in v})
     plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()), history)
     return {"exact_during_training": history} if history else {}
-
 
 if __name__ == "__main__":
     cli(main, "lower --batch-size or --n-samples")
