@@ -49,9 +49,7 @@ REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair
 LIVE_REFLOW_STEPS = 8    # and of the model itself for live reflow's pairs (official)
 
 
-################################################################################
-#                         One-phase objectives (from data)                     #
-################################################################################
+####################### One-phase objectives (from data) #######################
 
 def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent"):
     """Flow matching (Lipman et al. 2023; Liu et al. 2023): s(x_t, t, 0) <- x1 - x0 with
@@ -122,9 +120,7 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
                    torch.cat([torch.ones_like(t), tg.d[n:]]), y, torch.cat([x1_hat - x0, tg.target[n:]]), n)
 
 
-################################################################################
-#                  Two-phase objectives (from a flow-matching teacher)         #
-################################################################################
+############# Two-phase objectives (from a flow-matching teacher) ##############
 
 def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen
@@ -177,9 +173,7 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     return Targets(interpolate(x0, x1_hat, t), t, torch.zeros_like(t), y, x1_hat - x0, len(x1))
 
 
-################################################################################
-#                 Beyond the paper: MeanFlow, eq. 5 in continuous time         #
-################################################################################
+############# Beyond the paper: MeanFlow, eq. 5 in continuous time #############
 
 def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75,
              times="logit-normal"):
@@ -220,9 +214,7 @@ def meanflow_target(net, x_t, t, d, v, y=None):
     return v + bcast(d, v) * ds
 
 
-################################################################################
-#               Beyond the paper: AMED, a learned solver for a flow model      #
-################################################################################
+########## Beyond the paper: AMED, a learned solver for a flow model ###########
 
 class AMED(torch.nn.Module):
     """AMED (Zhou et al., CVPR 2024): a sampler for a trained flow-matching model, the solver's
@@ -272,9 +264,7 @@ class AMED(torch.nn.Module):
         return float(loss.detach())
 
 
-################################################################################
-#                     The consistency models' step rules                       #
-################################################################################
+###################### The consistency models' step rules ######################
 
 def to_end(model, x, t, d, y=None, w=1.0):
     """Euler with the jump to the end: x + d s(x, t, 1 - t). For a network trained at d = 1 - t
@@ -290,9 +280,7 @@ def multistep(model, x, t, d, y=None, w=1.0):
     return bcast(t + d, x) * end + bcast(1 - t - d, x) * torch.randn_like(x)
 
 
-################################################################################
-#                                   Registry                                   #
-################################################################################
+################################### Registry ###################################
 
 @dataclass(frozen=True)
 class Objective:

@@ -20,17 +20,17 @@ except ImportError:      # Windows: no lock, so keep one run per folder by hand
 
 
 class UserError(Exception):
-    """A problem with the user's input: one line on stderr, exit code 2, nothing overwritten."""
+    """Bad input: one line on stderr, exit code 2, nothing overwritten."""
 
 
 class TrainingDiverged(Exception):
-    """The loss or the weights became non-finite: exit code 1; the last good checkpoint is kept."""
+    """Non-finite loss or weights: exit code 1; the last good checkpoint is kept."""
 
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: exit code 128 + the signal's number."""
 
-    def __init__(self, message, signal_name="SIGINT"):
+    def __init__(self, message, signal_name):
         super().__init__(message)
         self.code = 128 + signal.Signals[signal_name].value
 
@@ -49,33 +49,30 @@ def cli(main, oom_hint, argv=None):
     """Runs a script's main(argv): Ctrl-C and SIGTERM stop it at once (a training loop defers
     them, `deferred_stop`), and its errors become one line on stderr and an exit code."""
     def interrupt(number, _):
-        raise Interrupted(f"{signal.Signals(number).name}: stopped; what was saved before is whole",
-                          signal.Signals(number).name)
+        name = signal.Signals(number).name
+        raise Interrupted(f"{name}: stopped; what was saved before is whole", name)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupt)
     try:
         main(argv)
-    except (UserError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(e.code)
-    except (MemoryError, RuntimeError) as e:       # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+    except (Interrupted, UserError, TrainingDiverged) as e:
+        print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
+        sys.exit(e.code if isinstance(e, Interrupted) else 2 if isinstance(e, UserError) else 1)
+    except (MemoryError, RuntimeError, OSError) as e:      # torch.OutOfMemoryError is a RuntimeError
+        if isinstance(e, OSError):                          # a full disk, an --out that is a file
+            message = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        elif isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
+            message = f"out of memory ({first_line(e)}); {oom_hint}"
+        else:
             raise
-        print(f"error: out of memory ({first_line(e)}); {oom_hint}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:                           # a full disk, an --out that is a file
-        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 @contextlib.contextmanager
 def deferred_stop():
-    """Within it, Ctrl-C (SIGINT) and SIGTERM (what timeout, Slurm, torchrun and docker send)
-    append the signal's name to the yielded list instead of stopping the process, so that a
-    training loop can finish its step, save and stop."""
+    """Within it, Ctrl-C and SIGTERM (what timeout, Slurm, torchrun and docker send) append the
+    signal's name to the yielded list, so that a training loop can finish its step, save and stop."""
     requests = []
     previous = {sig: signal.signal(sig, lambda n, _: requests.append(signal.Signals(n).name))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -97,20 +94,16 @@ def agreed_stop(requests, world, device):
     return names[int(flag) - 1] if int(flag) else None
 
 
-################################################################################
-#                          Flags and the run record                            #
-################################################################################
+########################### Flags and the run record ###########################
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (UserError), like every other bad input."""
-
-    def error(self, message):
+    def error(self, message):                   # one line, like every other bad input
         raise UserError(message)
 
 
 def setting(default, help, **flag):
-    """A field of a run record, with the help and argparse options of its flag --NAME (or
-    flag=...): the record is the one place where a setting and its check are defined."""
+    """A field of a run record with the help and argparse options of its flag --NAME (or flag=...):
+    the one place where a setting and its check are defined."""
     return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
@@ -174,9 +167,7 @@ def valid(field, value):
         return False
 
 
-################################################################################
-#                         Checkpoints, teachers, files                         #
-################################################################################
+######################### Checkpoints, teachers, files #########################
 
 def tensors(state, prefix=""):
     """(name, tensor) for every floating-point tensor nested in dicts and lists."""

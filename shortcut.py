@@ -24,7 +24,6 @@ d = 1/128, the flow-matching level. Eq. 5 alone is satisfied by trivial maps suc
 flow matching is what ties the chain of levels to the data.
 
 Sampling. N = 2^k Euler steps of size d = 1/N, each told its d: x <- x + d s(x, t, d).
-N = 1 is a single forward pass.
 
 Conventions: t = 0 is noise, t = 1 is data, N = 1/d; every network is called as
 model(x, t, d, y=None) with t, d, y of shape (B,). The file follows that order: the path and
@@ -44,9 +43,7 @@ MAX_STEPS = 128          # the finest step d = 1/128, the flow-matching level
 BOOTSTRAP_LEVELS = 7     # the self-consistency levels 2d = 1, 1/2, ..., 1/64 (8 levels in all, with 1/128)
 
 
-################################################################################
-#                          The path and the queries                            #
-################################################################################
+########################### The path and the queries ###########################
 
 def bcast(v, x):
     """A per-row scalar (B,) shaped to broadcast against x (B, ...)."""
@@ -59,11 +56,9 @@ def interpolate(x0, x1, t):
 
 
 def draw_noise(x1, pair="independent", y=None):
-    """Noise x0 ~ N(0, I) for a batch of data x1. pair="ot" re-pairs it within the batch by the
-    assignment that minimises the total |x1 - x0|^2 (minibatch optimal transport, as in iSM,
-    "Improved Training Technique for Shortcut Models"): straighter paths, which fewer steps can
-    follow. With labels y the assignment is made within each class, so that the noise does not
-    carry another class's position into a class-conditional model."""
+    """Noise x0 ~ N(0, I) for data x1. pair="ot" re-pairs it by the assignment of least total
+    |x1 - x0|^2 (minibatch optimal transport, as in iSM): straighter paths, which fewer steps can
+    follow; with labels y, within each class, so no noise carries another class's position."""
     if pair not in ("independent", "ot"):
         raise ValueError(f"pair must be 'independent' or 'ot', got {pair!r}")
     x0 = torch.randn_like(x1)
@@ -91,21 +86,17 @@ def dyadic_steps(n, device, levels=BOOTSTRAP_LEVELS):
 
 def uniform_steps(n, device, levels=BOOTSTRAP_LEVELS):
     """Exercise 6: 2d ~ U[2^-(levels-1), 1] and t ~ U[0, 1 - 2d], off any grid."""
-    finest = 0.5 ** (levels - 1)
-    d2 = finest + (1 - finest) * torch.rand(n, device=device)
+    d2 = 0.5 ** (levels - 1) + (1 - 0.5 ** (levels - 1)) * torch.rand(n, device=device)
     return torch.rand(n, device=device) * (1 - d2), d2
 
 
-################################################################################
-#                            The targets and the loss                          #
-################################################################################
+########################### The targets and the loss ###########################
 
 def two_jumps(net, x_t, t, d, y=None, clip=4.0):
-    """The right side of eq. 5: (s(x_t, t, d) + s(x'_{t+d}, t+d, d)) / 2 with
-    x'_{t+d} = x_t + d s(x_t, t, d), the target for one jump of 2d. As in the official code,
-    the intermediate point and the target are clipped to +-clip (4): a half-trained
-    network's jump can overshoot far from the data, and one wild target would dominate the
-    mean squared error (clip=None: no clipping)."""
+    """The right side of eq. 5, the target for one jump of 2d: (s(x_t, t, d) + s(x'_{t+d}, t+d, d)) / 2
+    with x'_{t+d} = x_t + d s(x_t, t, d). As in the official code, x' and the target are clipped to
+    +-clip: a half-trained network's jump can overshoot far, and one wild target would dominate
+    the MSE (clip=None: no clipping)."""
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be positive (or None for no clipping), got {clip}")
     c = math.inf if clip is None else clip
@@ -116,9 +107,8 @@ def two_jumps(net, x_t, t, d, y=None, clip=4.0):
 
 @dataclass
 class Targets:
-    """One batch of regression problems: the network should answer s(x_t, t, d, y) = target.
-    Every objective (baselines.py) is a way to build these. Rows [:n_boot] have targets built
-    by a network (bootstrap, self-consistency); the rest come from the data."""
+    """One batch of regression problems, s(x_t, t, d, y) = target, as every objective (baselines.py)
+    builds them: rows [:n_boot] have targets built by a network (bootstrap), the rest from data."""
     x_t: torch.Tensor
     t: torch.Tensor
     d: torch.Tensor
@@ -129,24 +119,16 @@ class Targets:
 
 def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, pair="independent",
                      grounded=True, stop_grad=True, d_sampling="dyadic"):
-    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1.
-
-    The first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad
-    by `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets, so
-    bootstrap_frac=0 is plain flow matching. clip: two_jumps. pair="ot" couples noise and data
-    by minibatch optimal transport (draw_noise). The last three keywords are ablations for the
-    exercises (docs/EXERCISES.md); their defaults are the method:
-      grounded=False  no target at 2d = 1/64: the level d = 1/64 is never supervised and the
-                      1/32 targets are built on it;
-      stop_grad=False gradients flow through the targets as well;
-      d_sampling="uniform"  2d ~ U[1/64, 1] (1/32 ungrounded), t ~ U[0, 1 - 2d]: off the grid.
-    """
+    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1. The first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad
+    by `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets.
+    clip: two_jumps; pair: draw_noise. The last three keywords are the exercises' ablations:
+    grounded=False drops the 2d = 1/64 targets (so d = 1/64 is never supervised), stop_grad=False
+    lets gradients through the targets, d_sampling="uniform" draws 2d ~ U[1/64, 1] off the grid."""
     if not 0.0 <= bootstrap_frac <= 1.0:
         raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
     B, n_sc = len(x1), round(bootstrap_frac * len(x1))
 
-    # 1. Draw the queries: the big step 2d and its t for the self-consistency rows; t ~ U[0, 1]
-    #    and d = 0, the velocity, for the flow-matching rows.
+    # 1. The queries: 2d and t on its grid for the self-consistency rows; t ~ U[0, 1], d = 0 for the rest.
     x0 = draw_noise(x1, pair, y)
     draw = dyadic_steps if d_sampling == "dyadic" else uniform_steps
     t_sc, d2 = draw(n_sc, x1.device, BOOTSTRAP_LEVELS if grounded else BOOTSTRAP_LEVELS - 1)
@@ -165,17 +147,13 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
 
 
 def regress(model, targets, loss_power=0.0):
-    """The loss of s(x_t, t, d, y) against the targets, and its parts: (loss, {"sc", "fm"}), the
-    parts the detached MSE of the bootstrap rows and of the rest (nan where there are none).
-    Every objective and every script trains through this one function.
-
-    loss_power = 0 gives the MSE over every element, so that the two parts weigh by their
-    batch share, as in the official code. p > 0 makes it robust with MeanFlow's adaptive weight:
-    each row's error e, summed over its elements, is divided by sg(e + 1e-3)^p (p = 1/2 is close
-    to the pseudo-Huber loss of improved consistency training). The weights are normalised
-    within each part, so the parts keep their batch shares: over the whole batch the bootstrap
-    rows, whose errors are the smallest, would take nearly all the weight and fall to a trivial
-    self-consistent map such as s = 0, with flow matching, eq. 5's ground, left untrained."""
+    """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the
+    bootstrap rows ("sc") and of the rest ("fm"), nan if none. Every objective trains through it.
+    loss_power = 0 is the MSE over every element, so the parts weigh by their batch share (as the
+    official loss). p > 0 is robust, with MeanFlow's adaptive weight: each row's summed error e is
+    divided by sg(e + 1e-3)^p (p = 1/2 is close to improved consistency training's pseudo-Huber),
+    the weights normalised within each part: over the whole batch the bootstrap rows, whose errors
+    are the smallest, would take all the weight and fall to a trivial map such as s = 0."""
     if not 0 <= loss_power < math.inf:
         raise ValueError(f"loss_power must be 0 (the MSE) or more, got {loss_power}")
     tg, n = targets, targets.n_boot
@@ -194,9 +172,7 @@ def ema_update(ema, model, decay=0.999):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-################################################################################
-#                                   Sampling                                   #
-################################################################################
+################################### Sampling ###################################
 
 def guided(model, x, t, d, y, w):
     """s_u + w (s_c - s_u), classifier-free guidance; the conditional model alone when w = 1."""
@@ -219,15 +195,11 @@ def velocity(model, x, t, d, y=None, w=1.0):
 
 @torch.no_grad()
 def sample(model, x0, steps, y=None, cfg_scale=1.0, *, rule=jump, off_grid=False, trajectory=False):
-    """Integrate from noise x0 at t=0 to t=1 by x <- rule(model, x, t, d, y, cfg_scale); returns x1
-    (and with trajectory=True the (N+1, *x0.shape) stack of the points visited).
-
-    steps: the number N of steps, a power of two from 1 to 128, each of size d = 1/N; or a list
-    of step sizes on the training grid, such as [1/2, 1/4, 1/4] (step_sizes). rule: the step,
-    `jump` (the shortcut's, default) or `velocity` (the flow-matching ODE); baselines.py adds
-    the consistency models' and AMED's. off_grid: any N and any sizes that sum to 1, for a
-    velocity or a model trained with continuous d (exercise 6). y, cfg_scale: class labels and
-    the guidance scale w of s_u + w (s_c - s_u); w = 1 is the conditional model alone."""
+    """Integrates from noise x0 at t = 0 to t = 1 by x <- rule(model, x, t, d, y, cfg_scale): x1, and
+    with trajectory=True the (N+1, *x0.shape) stack of the points visited. steps: N = 2^k steps of
+    d = 1/N, or a list of sizes such as [1/2, 1/4, 1/4] (step_sizes). rule: `jump` (default) or
+    `velocity`; baselines.py adds the consistency models' and AMED's. off_grid: any split, for a
+    velocity or a model trained with continuous d (exercise 6). cfg_scale: w of guided()."""
     if not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     x, t, path = x0, 0.0, [x0]
@@ -249,7 +221,8 @@ def step_sizes(steps, off_grid=False):
             raise ValueError(f"steps must be a power of two from 1 to {MAX_STEPS} (any count with off_grid=True), "
                              f"got {steps!r}")
         return [1.0 / steps] * int(steps)
-    sizes, starts = [float(s) for s in steps], np.cumsum([0.0, *map(float, steps)])[:-1]
+    sizes = [float(s) for s in steps]
+    starts = np.cumsum([0.0] + sizes)[:-1]
     on_grid = all(2.0 ** round(math.log2(d)) == d >= 1 / MAX_STEPS and (t / d).is_integer()
                   for d, t in zip(sizes, starts) if d > 0)
     if not (sizes and all(d > 0 for d in sizes) and abs(sum(sizes) - 1) < 1e-9 and (off_grid or on_grid)):
@@ -259,22 +232,18 @@ def step_sizes(steps, off_grid=False):
     return sizes
 
 
-################################################################################
-#                         The networks: conditioning                           #
-################################################################################
+########################## The networks: conditioning ##########################
 
 def step_level(d):
-    """The level log2(1/d) of a step size: 0 for d = 1, 7 for d = 1/128. Any d below 1/128,
-    d = 0 among them, is clamped to the finest level, 7. So the paper's d = 0, the velocity,
-    and the official code's flow-matching step d = 1/128 are one query here: the network
-    cannot tell them apart, and 128 shortcut steps are 128 Euler steps of the velocity."""
+    """The level log2(1/d): 0 for d = 1, 7 for d = 1/128, and 7 for any d below, d = 0 among them.
+    So the paper's d = 0 (the velocity) and the official flow-matching step 1/128 are one query:
+    128 shortcut steps are 128 Euler steps of the velocity."""
     return -torch.log2(d.clamp(min=1.0 / MAX_STEPS))
 
 
 class SinusoidalEmbedder(nn.Module):
-    """A scalar -> sin/cos features at geometric frequencies (periods up to 10^4) -> a
-    projection to the width: DiT's 2-layer MLP, or with mlp=False a single linear layer,
-    which is enough for the 2-D toys at a third of the cost."""
+    """A scalar -> sin/cos features at periods up to 10^4 -> DiT's 2-layer MLP, or with mlp=False
+    one linear layer, enough for the 2-D toys at a third of the cost."""
 
     def __init__(self, width, scale=1.0, freq_dim=256, mlp=True):
         super().__init__()
@@ -290,11 +259,9 @@ class SinusoidalEmbedder(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """c = t_emb(t) + d_emb(log2 1/d) + y_emb(y), with y = num_classes the null class.
-
-    t_scale multiplies t before its embedding. d_embed="end" (exercise 14) embeds the end time
-    t + d of the jump instead of its level, with t's scale: the same query in the coordinates
-    of Consistency Trajectory Models, whose network is told where a jump starts and ends."""
+    """c = t_emb(t) + d_emb(log2 1/d) + y_emb(y), y = num_classes the null class; t_scale multiplies t.
+    d_embed="end" (exercise 14) embeds the jump's end time t + d at t's scale instead of its level:
+    the same query in the coordinates of Consistency Trajectory Models."""
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
@@ -316,9 +283,7 @@ class Conditioning(nn.Module):
         return c + self.y_emb(torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y)
 
 
-################################################################################
-#                          MLP for vectors (2-D toys)                          #
-################################################################################
+########################## MLP for vectors (2-D toys) ##########################
 
 class MLP(nn.Module):
     """s(x, t, d) for x of shape (B, dim): residual SiLU blocks, each reading c."""
@@ -341,9 +306,7 @@ class MLP(nn.Module):
         return self.out(h)                          # (B, dim)
 
 
-################################################################################
-#                     DiT: a compact Diffusion Transformer                     #
-################################################################################
+##################### DiT: a compact Diffusion Transformer #####################
 
 @dataclass
 class DiTConfig:
@@ -354,7 +317,7 @@ class DiTConfig:
     depth: int = 12
     heads: int = 6
     mlp_ratio: int = 4
-    num_classes: int = 0
+    num_classes: int = 0           # 0: unconditional
     t_scale: float = 1000.0        # t is multiplied by this before its embedding
 
 
@@ -425,8 +388,7 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.patchify.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(self.patchify.weight.view(self.cfg.width, -1))
         nn.init.zeros_(self.patchify.bias)
         for layer in [*self.cond.t_emb.proj.modules(), *self.cond.d_emb.proj.modules()]:
             if isinstance(layer, nn.Linear):
@@ -451,9 +413,7 @@ class DiT(nn.Module):
         return h.reshape(B, C, H, W)
 
 
-################################################################################
-#         Where this file follows the official code, and where it departs       #
-################################################################################
+####### Where this file follows the official code, and where it departs ########
 #
 # Follows:
 # * d enters as its level log2(1/d), by a sinusoidal embedder of its own, c = t_emb + d_emb
@@ -470,15 +430,13 @@ class DiT(nn.Module):
 #   feeds t in [0, 1] unscaled. Measured better on the toy (docs/RESULTS.md).
 # * The bootstrap levels are spread evenly over the bootstrap rows from a random offset; the
 #   official code's fixed split sends the whole bootstrap part of a small batch to level 0.
-# * The block adaLN layers are zero-initialised (adaLN-Zero, as in DiT), so that a fresh
-#   model outputs exactly 0; the official code zero-initialises only the final layer.
+# * The block adaLN layers are zero-initialised too (adaLN-Zero, as in DiT): a fresh model gives 0.
 # * Attention scales q.k by 1/sqrt(d_head) (F.scaled_dot_product_attention); the official
 #   code scales by 1/d_head.
 # * bootstrap_frac defaults to 1/4 (the paper) rather than the official 1/8, and the targets
 #   come from the model itself unless a teacher (an EMA copy) is passed; the official default
 #   is the EMA, which lags badly in short runs (docs/EXERCISES.md, exercise 8).
-# * Classifier-free guidance inside the bootstrap targets (official, ImageNet only) is not
-#   done; guidance is applied at sampling time only.
+# * Classifier-free guidance inside the bootstrap targets (official, ImageNet only) is not done.
 # * train_images.py clips the gradient norm at 1.0 (the official code does not clip), warms the
 #   learning rate up over 5,000 steps (official: none) and warms the EMA up as
 #   min(decay, (1 + step) / (10 + step)) (official: constant): both keep a fresh DiT-B stable
