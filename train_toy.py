@@ -207,7 +207,7 @@ def train(run, data, teacher=None, track=None, label=None):
         teacher = copy.deepcopy(teacher)
     elif run.ema_teacher:
         teacher = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / run.steps)))
     options, data = B.options_of(run.objective, dataclasses.asdict(run)), torch.as_tensor(data)
