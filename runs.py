@@ -162,7 +162,8 @@ def valid(field, value):
     if field.type is bool:
         return isinstance(value, bool)
     try:
-        return value in field.metadata.get("choices", [value]) and field.metadata.get("type", str)(str(value)) is not None
+        meta = field.metadata
+        return value in meta.get("choices", [value]) and meta.get("type", str)(str(value)) is not None
     except (argparse.ArgumentTypeError, ValueError, TypeError):
         return False
 

@@ -119,8 +119,9 @@ class Targets:
 
 def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, pair="independent",
                      grounded=True, stop_grad=True, d_sampling="dyadic"):
-    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1. The first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad
-    by `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets.
+    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1. The
+    first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad by
+    `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets.
     clip: two_jumps; pair: draw_noise. The last three keywords are the exercises' ablations:
     grounded=False drops the 2d = 1/64 targets (so d = 1/64 is never supervised), stop_grad=False
     lets gradients through the targets, d_sampling="uniform" draws 2d ~ U[1/64, 1] off the grid."""

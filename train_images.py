@@ -34,9 +34,9 @@ import torch
 import bench
 from baselines import OBJECTIVES, defaults, make_targets, new_stage, objective, options_of, stage
 from images import DATA, evaluate, fid_scores, get_batch, load_dataset
-from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count, as_positive,
-                  as_power, as_seed, as_share, as_t_scale, check_outputs, check_teacher, checked, claim, cli,
-                  deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting, write_atomic)
+from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count,
+                  as_positive, as_power, as_seed, as_share, as_t_scale, check_outputs, check_teacher, checked, claim,
+                  cli, deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting, write_atomic)
 from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress, step_sizes
 
 

@@ -425,7 +425,8 @@ def replicate(args, rows, seed, gm, path):
     suffix, teacher, models, logs = f"_seed{seed}" * (seed != args.seed), None, {}, {}
     for i, (row, changes) in enumerate(rows):
         run = record(args, seed=seed, **(FLOW if changes is None else changes))
-        flow_row, two_phase = run.objective == "flow" and run.pair == "independent", B.objective(run.objective).two_phase
+        two_phase = B.objective(run.objective).two_phase
+        flow_row = run.objective == "flow" and run.pair == "independent"
         if (flow_row or two_phase) and teacher is None:
             flow_run = record(args, seed=seed, **FLOW)
             teacher = (flow_run, *obtain(args, flow_run, "flow" + suffix, train_data))
