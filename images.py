@@ -1,12 +1,24 @@
 """Image data and measures for train_images.py: digits (offline), CIFAR-10 and CelebA; FID when it is installed."""
-import collections, functools, hashlib, importlib.util, io, os, pathlib, pickle, tarfile, time, urllib.request, zlib
+import argparse
+import collections
+import functools
+import hashlib
+import importlib.util
+import io
+import os
+import pathlib
+import pickle
+import tarfile
+import time
+import urllib.request
+import zlib
 
 import numpy as np
 import torch
 
 from baselines import AMED, objective
-from runs import UserError, first_line, refuse, write_atomic
-from shortcut import sample
+from runs import UserError, as_count, checked, first_line, refuse, write_atomic
+from shortcut import sample, step_sizes
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -16,6 +28,28 @@ CIFAR_BATCH_MD5 = dict(zip([f"data_batch_{i}" for i in range(1, 6)], "c99cafc152
 Data = collections.namedtuple("Data", "size channels classes flip")   # size x size images; classes 0: unconditional
 NO_FID = "install pytorch-fid (pip install pytorch-fid) or torchmetrics[image] for FID"
 DATA = {"digits": Data(8, 1, 10, False), "cifar10": Data(32, 3, 10, True), "celeba": Data(64, 3, 0, True)}
+
+
+def eval_steps(text):
+    try:
+        return [len(step_sizes(int(s))) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated powers of two from 1 to 128, got {text!r}") from None
+
+
+def add_flags(a):
+    """train_images.py's flags for sampling and measuring, given its parser's add_argument."""
+    a("--data-dir", default="data", help="where the data and the cached statistics live (default: data)")
+    a("--download", action="store_true", help="fetch CIFAR-10 into --data-dir, checking its md5")
+    a("--eval-steps", type=eval_steps, default=[1, 2, 4, 8, 128], help="sampling step counts (default: 1,2,4,8,128)")
+    a("--n-samples", type=checked(int, lambda v: 2 <= v <= 10 ** 6, "from 2 to 10^6"),
+      help="samples per step count (default: 1000 for digits, 10000 otherwise)")
+    a("--eval-batch-size", type=as_count, default=1000, help="batch size when sampling (default: 1000)")
+    a("--amed-iters", type=checked(int, lambda v: 0 <= v <= 10 ** 6, "from 0 to 10^6"), default=400,
+      help="a flow run's AMED fit steps; AMED then samples at 2, 4, 8 evaluations (default: 400; 0: none)")
+    a("--cfg-scale", type=checked(float, lambda v: abs(v) <= 100, "a number from -100 to 100"), default=1.0,
+      help="classifier-free guidance scale at sampling, for class-conditional data (default: 1, none)")
+    a("--no-fid", action="store_true", help="skip FID, whose Inception weights are downloaded the first time")
 
 def load_digits():
     from sklearn.datasets import load_digits as sk_digits

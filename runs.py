@@ -289,6 +289,28 @@ def write_atomic(path, write):
         raise
 
 
+def setup_distributed(device):
+    """Under torchrun: one process per GPU (NCCL) or per CPU worker (gloo). Returns rank, world, device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def check_replicas(model):
+    """All processes must hold bit-identical weights: their elementwise max equals their min."""
+    hi = torch.cat([p.detach().flatten() for p in model.parameters()])
+    lo = -hi
+    for bound in (hi, lo):
+        torch.distributed.all_reduce(bound, torch.distributed.ReduceOp.MAX)
+    if not torch.equal(hi, -lo):
+        raise RuntimeError("the DDP replicas drifted apart")
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; anything else is checked (UserError) and returned."""
     usable = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}

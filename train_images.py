@@ -8,16 +8,11 @@
     python train_images.py --sample-only --resume out/images/checkpoint.pt  # sample and measure it
     torchrun --nproc_per_node=8 train_images.py --device cuda --dataset cifar10 --compile
 
-A run is defined by its record (`Run`), saved in every checkpoint and in metrics.json: --resume
-restores it and refuses a flag that contradicts it. Writes to --out: checkpoint.pt (every
---save-every steps, at the end, and on Ctrl-C or SIGTERM), grid_N.png and steps.png (a column
-per N, from the same noise), samples.npz and metrics.json. Sampling uses the EMA weights and
-the objective's own sampler. The data and the measures are in images.py; --benchmark is bench.py.
-
---batch-size is the global batch: under torchrun each of P processes draws batch/P rows with a
-seed of its own and builds the targets of its own rows, as DiT does, and DDP averages the
-gradients. Every decision that all processes take together (a logged loss, a save, a stop) is
-taken at a step count that all of them know.
+A run is its record (`Run`), saved in every checkpoint and in metrics.json: --resume restores
+it. Writes to --out: checkpoint.pt (every --save-every steps, at the end, and on Ctrl-C or
+SIGTERM), grid_N.png, steps.png, samples.npz and metrics.json, sampled with the EMA weights by
+the objective's own sampler (images.py). --batch-size is the global batch: under torchrun each
+process draws its share with a seed of its own, as DiT does.
 """
 import argparse
 import contextlib
@@ -33,65 +28,51 @@ import torch
 
 import bench
 from baselines import OBJECTIVES, defaults, make_targets, new_stage, objective, options_of, stage
+import images
 from images import DATA, evaluate, fid_scores, get_batch, load_dataset
-from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count,
+from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count, check_replicas,
                   as_positive, as_power, as_seed, as_share, as_t_scale, check_outputs, check_teacher, checked, claim,
-                  cli, deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting, write_atomic)
-from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress, step_sizes
+                  cli, deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting, setup_distributed,
+                  write_atomic)
+from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress
 
 
 @dataclass(frozen=True)
 class Run(Record):
     """Every setting that defines a run, each with its flag; the defaults are those of digits."""
-    dataset: str = setting("digits", "digits (default; 8x8, CPU), cifar10 or celeba (images.py)", choices=list(DATA))
+    dataset: str = setting("digits", "digits (8x8, CPU; default), cifar10 or celeba", choices=list(DATA))
     model: str = setting("XS", "DiT size (default: XS for digits, B otherwise)", choices=list(DIT_SIZES))
     patch: int = setting(2, "patch size (default: 2; 4 for celeba)", type=as_count)
-    objective: str = setting("shortcut", "training objective (default: shortcut), see baselines.py",
-                             choices=list(OBJECTIVES))
-    pair: str = setting("independent", "how noise and data are paired in a batch: independently (default) or by "
-                        "minibatch optimal transport (a host sync per step); not for reflow",
+    objective: str = setting("shortcut", "what it trains on (baselines.py; default: shortcut)", choices=list(OBJECTIVES))
+    pair: str = setting("independent", "noise-data pairs: independent (default) or minibatch optimal transport",
                         choices=["independent", "ot"])
-    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets (default: 0.25)",
-                                    type=as_share)
-    lr: float = setting(2e-3, "peak AdamW learning rate (default: 2e-3 for digits, 1e-4 otherwise, the official "
-                        "value)", type=as_positive)
-    lr_schedule: str = setting("constant", "after warmup: constant (official, default) or a cosine decay to 0",
+    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
+    lr: float = setting(2e-3, "peak AdamW lr (default: 2e-3 for digits, 1e-4 otherwise, official)", type=as_positive)
+    lr_schedule: str = setting("constant", "after warmup: constant (official) or cosine to 0",
                                choices=["constant", "cosine"])
-    warmup: int = setting(200, "learning-rate warmup steps (default: 200 for digits, 5000 otherwise; official: 0)",
+    warmup: int = setting(200, "lr warmup steps (default: 200 for digits, 5000 otherwise; official: 0)",
                           type=checked(int, lambda v: 0 <= v <= 10 ** 9, "from 0 to 10^9"))
     weight_decay: float = setting(0.1, "AdamW weight decay (default: 0.1, official)",
                                   type=checked(float, lambda v: 0 <= v < math.inf, "finite and 0 or more"))
-    grad_clip: float = setting(1.0, "gradient-norm clipping (default: 1.0; official: inf, no clipping)",
+    grad_clip: float = setting(1.0, "gradient-norm clip (default: 1; official: inf, none)",
                                type=checked(float, lambda v: v > 0, "above 0"))
     steps: int = setting(3000, "training steps in all (default: 3000 for digits, 400k otherwise)", type=as_count)
-    batch_size: int = setting(128, "the global batch, split evenly over the processes (default: 128 for digits, "
-                              "256 cifar10, 64 celeba)", type=as_count)
+    batch_size: int = setting(128, "the global batch (default: 128 digits, 256 cifar10, 64 celeba)", type=as_count)
     ema: float = setting(0.999, "EMA decay (default: 0.999, official)",
                          type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
     ema_teacher: bool = setting(False, "build the targets with the EMA weights (the official default)")
-    label_dropout: float = setting(0.1, "probability of replacing a label by the null class (default: 0.1)",
-                                   type=as_share)
+    label_dropout: float = setting(0.1, "share of labels replaced by the null class (default: 0.1)", type=as_share)
     seed: int = setting(0, "random seed (default: 0)", type=as_seed)
-    loss_power: float = setting(None, "p of the robust loss of shortcut.regress; 0 is the MSE (default: the "
-                                "objective's own: 0, and 1 for meanflow)", type=as_power)
-    t_scale: float = setting(None, "the scale of t before its embedding (default: the objective's, 1000 or 1)",
-                             type=as_t_scale)
+    loss_power: float = setting(None, "p of the robust loss, shortcut.regress (default: the objective's)",
+                                type=as_power)
+    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_t_scale)
     teacher: "Run | None" = None
 
 
-# The defaults that differ from digits': the official learning rate and batch sizes.
 DEFAULTS = {"digits": {},
             "cifar10": dict(model="B", batch_size=256, steps=400_000, lr=1e-4, warmup=5000),
             "celeba": dict(model="B", patch=4, batch_size=64, steps=400_000, lr=1e-4, warmup=5000)}
 FREE = "only --out, --save-every, the evaluation flags, --device and --compile may change"
-
-
-def eval_steps(text):
-    try:
-        return [len(step_sizes(int(s))) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated step counts, each a power of two from 1 to "
-                                         f"128; got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -99,38 +80,21 @@ def parse_args(argv=None):
     add_settings(p.add_argument_group(f"the run record (fixed for a run: --resume restores it; {FREE})"), Run,
                  default=argparse.SUPPRESS)
     a = p.add_argument
-    a("--teacher", help="for a two-phase objective (consistency-distillation, progressive-distillation, reflow): "
-      "the checkpoint.pt of a finished flow-matching run of the same data and model, whose EMA weights teach")
-    a("--resume", help="continue the run of this checkpoint up to its --steps, with its record (a finished run is "
-      "only sampled and measured); --steps may grow where no schedule depends on it (constant lr, no curriculum)")
-    a("--sample-only", action="store_true", help="with --resume: sample and measure the checkpoint, train nothing; "
-      "writes to its own folder (default: sampled/ beside the checkpoint), never over the run's files")
+    a("--teacher", help="for a two-phase objective: the checkpoint.pt of a finished flow-matching run of the same "
+      "data and model")
+    a("--resume", help="continue this checkpoint's run to its --steps, with its record; a finished run is only "
+      "sampled")
+    a("--sample-only", action="store_true", help="with --resume: only sample and measure, into a folder of its own "
+      "(default: sampled/ beside the checkpoint)")
     a("--out", type=checked(str, bool, "a folder"), help="output folder (default: the folder of --resume, else "
       "out/images)")
-    a("--data-dir", default="data", help="where the data and the cached statistics live (default: data)")
-    a("--download", action="store_true", help="fetch CIFAR-10 into --data-dir if it is not there, checking its md5")
     a("--save-every", type=as_count, help="steps between checkpoints (default: 1000 for digits, 5000 otherwise)")
     a("--log-every", type=checked(int, lambda v: v >= 0, "0 or more"), default=100,
-      help="steps between progress lines (default: 100; 0: only at the end)")
-    a("--eval-steps", type=eval_steps, default=[1, 2, 4, 8, 128], help="comma-separated sampling step counts, "
-      "each a power of two up to 128 (default: 1,2,4,8,128)")
-    a("--n-samples", type=checked(int, lambda v: 2 <= v <= 10 ** 6, "from 2 (the metrics fit a covariance) to 10^6"),
-      help="samples per step count for the metrics (default: 1000 for digits, 10000 otherwise)")
-    a("--eval-batch-size", type=as_count, default=1000, help="batch size when sampling (default: 1000)")
-    a("--amed-iters", type=checked(int, lambda v: 0 <= v <= 10 ** 6, "from 0 to 10^6"), default=400,
-      help="for a flow-matching run: steps that fit AMED's step predictor, which then samples at 2, 4 and 8 "
-      "evaluations (default: 400; 0: no AMED)")
-    a("--cfg-scale", type=checked(float, lambda v: abs(v) <= 100, "a number from -100 to 100"), default=1.0,
-      help="classifier-free guidance scale at sampling, for class-conditional data; 1 is none (default: 1)")
-    a("--no-fid", action="store_true", help="skip FID (cifar10, celeba): the Inception weights need a download "
-      "the first time")
+      help="steps between progress lines (default: 100; 0: at saves only)")
+    images.add_flags(a)
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     a("--compile", action="store_true", help="torch.compile the model for training and sampling (CUDA)")
-    a("--benchmark", action="store_true", help="time a training step of every objective and sampling on random "
-      "data of the dataset's shape, and print img/s, TFLOP/s and MFU (bench.py); trains and writes nothing")
-    a("--bench-steps", type=as_count, default=20, help="timed steps in --benchmark (default: 20)")
-    a("--bench-warmup", type=checked(int, lambda v: 0 <= v <= 10 ** 6, "from 0 to 10^6"), default=3,
-      help="untimed steps before timing, 10 more with --compile (default: 3)")
+    bench.add_flags(a)
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     return args
@@ -151,16 +115,8 @@ def the_run(args):
     else:
         run = state["run"]
         for name, value in given.items():
-            refuse(getattr(run, name) != value and (name != "steps" or args.sample_only),
-                   f"--{name.replace('_', '-')} {value} contradicts {args.resume!r}, whose run has {name} = "
-                   f"{getattr(run, name)}: a resumed run keeps its record; {FREE}")
-        steps = given.get("steps", run.steps)
-        scheduled = run.lr_schedule == "cosine" or run.objective in ("consistency-training", "progressive-distillation")
-        refuse(steps != run.steps and (scheduled or steps < state["step"]),
-               f"--steps {steps} cannot change {args.resume!r} (at step {state['step']} of {run.steps}): "
-               + ("its learning-rate schedule or curriculum is laid out over its --steps" if scheduled else
-                  "it is past that step"))
-        run = dataclasses.replace(run, steps=steps)
+            refuse(getattr(run, name) != value, f"--{name.replace('_', '-')} {value} contradicts {args.resume!r}, "
+                   f"whose run has {name} = {getattr(run, name)}: a resumed run keeps its record; {FREE}")
     two_phase = objective(run.objective).two_phase
     refuse(run.pair == "ot" and run.objective == "reflow", "--pair ot does not apply to reflow, whose pairs come "
            "from its teacher")
@@ -179,9 +135,8 @@ def the_run(args):
                             else "out/images")
     refuse(args.sample_only and os.path.realpath(args.out) == os.path.realpath(folder),
            f"--sample-only writes its own files: choose an --out other than the run's folder {folder!r}")
-    digits = run.dataset == "digits"
-    args.save_every = args.save_every or (1000 if digits else 5000)
-    args.n_samples = args.n_samples or (1000 if digits else 10_000)
+    args.save_every = args.save_every or (1000 if run.dataset == "digits" else 5000)
+    args.n_samples = args.n_samples or (1000 if run.dataset == "digits" else 10_000)
     return run, state, taught
 
 
@@ -194,28 +149,14 @@ def save_checkpoint(path, run, model, ema, opt, step, teacher, world):
         if torch.distributed.get_rank() > 0:
             return
     state = {"run": dataclasses.asdict(run), "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-             "opt": opt.state_dict(), "rng": rngs}
-    if teacher is not None:                    # progressive distillation changes it from stage to stage
-        state["teacher"] = teacher.state_dict()
-    write_atomic(path, lambda f: torch.save(state, f))
+             "opt": opt.state_dict(), "rng": rngs, **({"teacher": teacher.state_dict()} if teacher else {})}
+    write_atomic(path, lambda f: torch.save(state, f))      # PD's teacher changes from stage to stage
 
 
 def lr_at(step, run):
     """Linear warmup, then constant (the official schedule) or a cosine decay to 0 by run.steps."""
     warm = min(1.0, (step + 1) / max(run.warmup, 1))
     return run.lr * warm * (0.5 * (1 + math.cos(math.pi * step / run.steps)) if run.lr_schedule == "cosine" else 1)
-
-
-def setup_distributed(device):
-    """Under torchrun: one process per GPU (NCCL) or per CPU worker (gloo). Returns rank, world, device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world, device
 
 
 def main(argv=None):
@@ -241,8 +182,7 @@ def main(argv=None):
                        "another --out")
                 check_outputs(args.out, "metrics.json", dataclasses.asdict(run))
             x, y = load_dataset(run.dataset, args.data_dir, args.download)
-            data = torch.as_tensor(x).to(device)
-            labels = None if y is None else torch.as_tensor(y).to(device)
+            data, labels = torch.as_tensor(x).to(device), None if y is None else torch.as_tensor(y).to(device)
 
             # The model, its EMA, the optimiser and, for a two-phase run, the teacher.
             torch.manual_seed(run.seed * world + rank)    # as DiT: each process draws its own batches and noise
@@ -257,30 +197,25 @@ def main(argv=None):
                 if two_phase else None
             start = state["step"] if state else 0
             try:
-                if taught is not None:
-                    teacher.load_state_dict(taught["ema"])
-                    if run.objective == "progressive-distillation":     # the student starts as its teacher
-                        model.load_state_dict(taught["ema"])
-                        ema.load_state_dict(taught["ema"])
-                if state is not None:
-                    model.load_state_dict(state["model"])
-                    ema.load_state_dict(state["ema"])
-                    opt.load_state_dict(state["opt"])
-                    if teacher is not None:
-                        teacher.load_state_dict(state["teacher"])
-                    if len(state["rng"]) == world:        # else, under another world size: fresh draws
-                        torch.set_rng_state(state["rng"][rank][0])
-                        if device.type == "cuda" and state["rng"][rank][1] is not None:
-                            torch.cuda.set_rng_state(state["rng"][rank][1], device)
+                # progressive distillation's student starts as its teacher
+                pd = run.objective == "progressive-distillation"
+                for net, key in ([(teacher, "ema")] + [(model, "ema"), (ema, "ema")] * pd if taught else []):
+                    net.load_state_dict(taught[key])
+                for net, key in ([(model, "model"), (ema, "ema"), (opt, "opt")] + [(teacher, "teacher")] * two_phase
+                                 if state else []):
+                    net.load_state_dict(state[key])
+                if state and len(state["rng"]) == world:        # else, under another world size: fresh draws
+                    torch.set_rng_state(state["rng"][rank][0])
+                    if device.type == "cuda" and state["rng"][rank][1] is not None:
+                        torch.cuda.set_rng_state(state["rng"][rank][1], device)
             except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
                 raise UserError(f"{args.resume or args.teacher!r} does not fit its record's model "
                                 f"({type(e).__name__}: {first_line(e)})") from None
+            end = start if args.sample_only else run.steps
             log(f"{run.dataset}: {len(data)} images, DiT-{run.model}/{run.patch} "
                 f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), device {device} x {world}, "
-                f"batch {run.batch_size}, objective {run.objective}" + (f", resumed at step {start}" if state else ""))
-            end = start if args.sample_only else run.steps
-            if start >= end and not args.sample_only:
-                log(f"the checkpoint is at step {start} of {run.steps}: nothing to train, so it is only sampled")
+                f"batch {run.batch_size}, objective {run.objective}" + (f", resumed at step {start}" if state else "")
+                + ("; the checkpoint is finished: nothing to train, so it is only sampled" if start >= run.steps else ""))
 
             # The loop. A builder of baselines.py draws the queries and targets; the network regresses them.
             net = torch.compile(model) if args.compile else model
@@ -310,7 +245,8 @@ def main(argv=None):
                     if new_stage(run.objective, step / run.steps, (step + 1) / run.steps):
                         teacher.load_state_dict(model.state_dict())      # progressive distillation's next stage
                     total, n, done = total + loss.detach(), n + 1, step + 1     # summed on the device: no sync
-                    # Bookkeeping, decided by the step count (and the stop by agreement) in every process.
+
+                    # Log, save and stop at step counts every process knows; a stop is agreed on first.
                     saving = done % args.save_every == 0 or done == end
                     logging = args.log_every and done % args.log_every == 0 or saving
                     stop = agreed_stop(requests, world, device) if logging or world == 1 or done % 10 == 0 else None
@@ -319,9 +255,9 @@ def main(argv=None):
                     if world > 1:
                         torch.distributed.all_reduce(total)
                     mean, rate = total.item() / n / world, (done - start) * run.batch_size / (time.time() - t0)
-                    kept = f"the last good checkpoint is kept at {ckpt!r}" if os.path.isfile(ckpt) else "nothing saved"
-                    if not math.isfinite(mean) or not all(p.isfinite().all() for m in (model, ema)
-                                                          for p in m.parameters()):
+                    if not (math.isfinite(mean) and all(p.isfinite().all() for p in [*model.parameters(),
+                                                                                      *ema.parameters()])):
+                        kept = f"the last good checkpoint is kept at {ckpt!r}" if os.path.isfile(ckpt) else "none saved"
                         raise TrainingDiverged(f"the loss or the weights became non-finite by step {done}; {kept}; "
                                                "lower --lr or raise --warmup")
                     log(f"step {done:7d}/{run.steps}  loss {mean:.4f}  {rate:7.0f} img/s  "
@@ -332,12 +268,12 @@ def main(argv=None):
                     if stop:
                         raise Interrupted(f"{stop}: saved step {done} to {ckpt!r}; continue with --resume {ckpt}",
                                           stop)
-            trained = end - start
-            train_seconds = round(time.time() - t0, 1) if trained else None
-            if trained:
-                log(f"trained {trained} steps in {train_seconds}s")
+            train_seconds = round(time.time() - t0, 1) if end > start else None
+            if end > start:
+                log(f"trained {end - start} steps in {train_seconds}s")
             if world > 1:
-                check_replicas(model, world)
+                check_replicas(model)
+                log(f"all {world} processes hold identical weights", flush=True)
 
             # Evaluation, with the EMA weights and the objective's own sampler; FID last, as it may need a download.
             if rank > 0:
@@ -351,24 +287,12 @@ def main(argv=None):
             if not args.no_fid and run.dataset != "digits":
                 metrics.update(fid_scores(samples, run, args, data))
                 write()
-            log(f"\ndone in {time.time() - t0:.1f}s; wrote {'checkpoint.pt, ' * bool(trained)}grid_N.png, "
+            log(f"\ndone in {time.time() - t0:.1f}s; wrote {'checkpoint.pt, ' * (end > start)}grid_N.png, "
                 f"steps.png, samples.npz and metrics.json to {args.out}")
             return metrics
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
-
-
-def check_replicas(model, world):
-    """All processes must hold bit-identical weights: compare the elementwise max and min."""
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    hi, lo = flat.clone(), flat.clone()
-    torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
-    if not torch.equal(hi, lo):
-        raise RuntimeError("the DDP replicas drifted apart")
-    if torch.distributed.get_rank() == 0:
-        print(f"all {world} processes hold identical weights", flush=True)
 
 
 if __name__ == "__main__":
