@@ -16,6 +16,7 @@ from shortcut import DiT, ema_update, regress, sample
 PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125),
              ("4090", 165)]      # dense bf16 TFLOP/s from the data sheets; the first name in the device's counts
 
+
 def add_flags(a):
     """train_images.py's benchmark flags, given its parser's add_argument."""
     a("--benchmark", action="store_true", help="time a training step of every objective and sampling on random "
@@ -23,6 +24,7 @@ def add_flags(a):
     a("--bench-steps", type=as_count, default=20, help="timed steps in --benchmark (default: 20)")
     a("--bench-warmup", type=checked(int, lambda v: 0 <= v <= 10 ** 6, "from 0 to 10^6"), default=3,
       help="untimed steps before timing, 10 more with --compile (default: 3)")
+
 
 def timed(fn, warmup, reps, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -33,6 +35,7 @@ def timed(fn, warmup, reps, device):
         fn()
     sync()
     return (time.perf_counter() - t0) / reps
+
 
 def benchmark(run, args, cfg, device):
     """Returns {objective: (seconds per step, FLOPs per step)}, for the run's model and batch."""

@@ -51,10 +51,12 @@ def add_flags(a):
       help="classifier-free guidance scale at sampling, for class-conditional data (default: 1, none)")
     a("--no-fid", action="store_true", help="skip FID, whose Inception weights are downloaded the first time")
 
+
 def load_digits():
     from sklearn.datasets import load_digits as sk_digits
     d = sk_digits()
     return np.round(d.images * (255 / 16)).clip(0, 255).astype(np.uint8)[:, None], d.target.astype(np.int64)
+
 
 def load_cifar10(data_dir, download=False):
     folder, archive = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
@@ -81,11 +83,13 @@ def load_cifar10(data_dir, download=False):
                         "fetch it again (--download into an empty --data-dir)") from None
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
+
 def read_file(path, limit=1 << 26):
     """A regular file of at most `limit` bytes (a batch is 31 MB): a FIFO or /dev/zero is refused, not read for ever."""
     refuse(not path.is_file() or path.stat().st_size > limit,
            f"{str(path)!r} is not a CIFAR-10 batch file (a regular file of at most {limit >> 20} MB)")
     return path.read_bytes()
+
 
 def cifar_batch(raw, name, where):
     """Batch file `name` as uint8 data (n, 3072) and int64 labels in 0..9, unpickled only once it matches its md5."""
@@ -103,6 +107,7 @@ def cifar_batch(raw, name, where):
            "in 0..9")
     return x, y.astype(np.int64)
 
+
 class CifarUnpickler(pickle.Unpickler):
     """Builds only what a batch holds: any other global (os.system, say) is refused instead of being called."""
     NUMPY = dict(ndarray=np.ndarray, dtype=np.dtype, _reconstruct=np.empty(0).__reduce__()[0])  # arrays' constructor
@@ -112,6 +117,7 @@ class CifarUnpickler(pickle.Unpickler):
             return self.NUMPY[name]
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR-10 batch holds only arrays, "
                                      "lists, strings and numbers")
+
 
 def fetch(url, path, md5):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -123,6 +129,7 @@ def fetch(url, path, md5):
     check_md5(path + ".part", md5)
     os.replace(path + ".part", path)
 
+
 def check_md5(path, md5):
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -130,6 +137,7 @@ def check_md5(path, md5):
             h.update(chunk)
     refuse(h.hexdigest() != md5, f"{path!r} has md5 {h.hexdigest()}, not the published {md5}: it is corrupt, truncated "
            "or altered, and nothing in it was unpickled; fetch it again (--download into an empty --data-dir)")
+
 
 def load_celeba(data_dir, size=64):
     from PIL import Image
@@ -162,10 +170,12 @@ def load_celeba(data_dir, size=64):
     save_cache(cache, lambda f: np.save(f, x))   # a read-only folder still keeps the decoded images
     return x, None
 
+
 def load_dataset(name, data_dir, download=False):
     if name == "cifar10":
         return load_cifar10(data_dir, download)
     return load_digits() if name == "digits" else load_celeba(data_dir, DATA[name].size)
+
 
 def get_batch(data, labels, batch_size, flip):
     """A random batch in [-1, 1], flipped on the device; torch's generator makes it resumable."""
@@ -174,6 +184,7 @@ def get_batch(data, labels, batch_size, flip):
     x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x) if flip else x
     return x, None if labels is None else labels[idx]
 
+
 @torch.no_grad()
 def generate(sampler, model, x0, steps, y, cfg_scale, batch_size, to_cpu=True):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
@@ -181,13 +192,16 @@ def generate(sampler, model, x0, steps, y, cfg_scale, batch_size, to_cpu=True):
                .float().to("cpu" if to_cpu else x0.device) for i in range(0, len(x0), batch_size)]
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
+
 def moments(f):
     return f.mean(0), np.cov(f, rowvar=False)
+
 
 def frechet(mu_a, cov_a, mu_b, cov_b):
     """tr sqrt(A B) is the sum of the square roots of the eigenvalues of A B, which are real and >= 0."""
     eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
+
 
 class DigitsJudge:
     """A small MLP classifier of the real digits, whose hidden layer gives features; refit when `cache` is unusable."""
@@ -208,8 +222,10 @@ class DigitsJudge:
     def predict(self, x01):
         return (self.features(x01) @ self.w[2] + self.w[3]).argmax(1)
 
+
 def fid_backend():
     return next((m for m in ("pytorch_fid", "torchmetrics") if importlib.util.find_spec(m)), None)
+
 
 @functools.lru_cache(maxsize=1)
 def inception(device):
@@ -221,10 +237,12 @@ def inception(device):
     net = FrechetInceptionDistance(feature=2048).inception.to(device).eval()
     return lambda x: net((x * 255).round().to(torch.uint8)).flatten(1)
 
+
 @torch.no_grad()
 def inception_features(x01, device, batch_size=200):
     return torch.cat([inception(device)(torch.as_tensor(x01[i:i + batch_size], device=device).float()).cpu()
                       for i in range(0, len(x01), batch_size)]).double().numpy()
+
 
 def reference_stats(dataset, data_dir, data, device):
     cache = os.path.join(data_dir, f"{dataset}_fid_stats.npz")
@@ -235,6 +253,7 @@ def reference_stats(dataset, data_dir, data, device):
         stats = moments(inception_features(data[:n].float() / 255, device))
         save_cache(cache, lambda f: np.savez(f, mu=stats[0], cov=stats[1]))
     return stats
+
 
 def load_arrays(path, shapes, what):
     """The arrays named in `shapes` from an .npz cache, or None when it is missing or unusable."""
@@ -249,6 +268,7 @@ def load_arrays(path, shapes, what):
             problem = f"is unreadable ({type(e).__name__})"
         print(f"{what} {path} {problem}: computing it afresh", flush=True)
 
+
 def save_cache(path, write):
     """A cache is a convenience: failing to write one is reported and the run goes on."""
     try:
@@ -256,6 +276,7 @@ def save_cache(path, write):
         write_atomic(path, write)
     except OSError as e:
         print(f"could not write the cache {path} ({e.strerror or e}); continuing without it", flush=True)
+
 
 def save_grid(path, x01, nrow, col_labels=None):
     from PIL import Image, ImageDraw, ImageOps
@@ -273,6 +294,7 @@ def save_grid(path, x01, nrow, col_labels=None):
         for c, label in enumerate(col_labels):
             draw.text((scale * (c * (W + 1) + 1 + W // 2) - 3 * len(str(label)), 2), str(label), fill="black")
     write_atomic(path, lambda f: img.save(f, format="PNG"))
+
 
 def evaluate(model, run, args, data):
     """Samples from one noise by the objective's sampler, and Euler with d = 0 (shortcut) or AMED (flow); writes grids
@@ -321,6 +343,7 @@ def evaluate(model, run, args, data):
         print_table(metrics)
     return metrics, samples
 
+
 def fid_scores(samples, run, args, data):
     if fid_backend() is None:
         print(f"FID skipped: {NO_FID}", flush=True)
@@ -337,6 +360,7 @@ def fid_scores(samples, run, args, data):
         metrics[k] = {"fid": frechet(*moments(inception_features(v.numpy(), data.device)), mu, cov)}
     print_table(metrics)
     return metrics
+
 
 def print_table(metrics):
     keys = [k for k, v in metrics.items() if isinstance(v, dict)]

@@ -5,12 +5,10 @@
     python train_toy.py --objective consistency-training     # any objective of baselines.py
     python train_toy.py --table1             # every objective at one budget (< 3 minutes)
 
-Trains a model by --objective (default: shortcut) and a flow-matching baseline with the same
-network, budget and seed (the two-phase objectives learn from it), samples both with 1 to 128
-steps from the same noise, and writes to --out: toy.md (the measures), toy.json, toy.npz (the
-samples), toy.png, trajectories.png, losses.png, exact.png (against the true flow of a Gaussian
-mixture) and a checkpoint per model with its record. --table1 and --sweep write table1.* and
-sweep.* instead. A folder's outputs are replaced only by a run of the same record."""
+Trains a model by --objective and a flow-matching baseline with the same network, budget and seed
+(the two-phase objectives learn from it), samples both with 1 to 128 steps from the same noise and
+writes to --out: toy.md (the measures), .json, .npz (the samples), .png, exact.png (against the true
+flow of the Gaussian mixture) and a checkpoint per model with its record (--table1: table1.*)."""
 import argparse
 import copy
 import dataclasses
@@ -32,7 +30,9 @@ from shortcut import MAX_STEPS, MLP, ema_update, regress, sample
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
-# ------------------------------------ Gaussian mixtures and their exact flow ------------------------------------
+
+#################### Gaussian mixtures and their exact flow ####################
+
 class GaussianMixture:
     """x1 ~ sum_k pi_k N(mu_k, Sigma_k), with the exact velocity and flow map of its path. Given k, x_t ~ N(t mu_k, C_k)
     with C_k(t) = (1-t)^2 I + t^2 Sigma_k, and E[x1 - x0 | x_t, k] = mu_k + (t Sigma_k - (1-t) I) C_k^-1 (x_t - t mu_k):
@@ -74,9 +74,11 @@ class GaussianMixture:
             x, t = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), t + dt
         return x
 
+
 def ring(n=8, radius=1.5, std=0.15):
     a = 2 * np.pi * np.arange(n) / n
     return GaussianMixture(np.ones(n), radius * np.stack([np.cos(a), np.sin(a)], 1), [std ** 2 * np.eye(2)] * n)
+
 
 def skewed_mixture():
     """Four anisotropic components of unequal weight: a harder, lopsided target."""
@@ -86,7 +88,9 @@ def skewed_mixture():
     return GaussianMixture([0.4, 0.3, 0.2, 0.1], [[-1.0, -0.6], [1.0, 1.0], [1.1, -1.2], [-1.2, 1.3]],
                            [cov(0.5, 0.12, 0.6), cov(0.3, 0.3, 0.0), cov(0.4, 0.1, -1.0), cov(0.15, 0.15, 0.0)])
 
+
 MIXTURES = {"ring": ring, "mixture": skewed_mixture}
+
 
 @functools.lru_cache(maxsize=None)
 def mixture_paths(dataset, n=512):
@@ -96,10 +100,13 @@ def mixture_paths(dataset, n=512):
         path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
     return torch.stack(path)
 
-# -------------------------------------------- Datasets and measures ---------------------------------------------
+
+############################ Datasets and measures #############################
+
 def sample_data(name, n, rng):
     """n points (float32) of a named mixture: `ring` (8 Gaussians) or `mixture` (4 skewed ones)."""
     return MIXTURES[name]().sample(n, rng).astype(np.float32)
+
 
 def sliced_w2(a, b, n_proj=512, seed=0):
     """Sliced Wasserstein-2 distance between two equal-sized point clouds."""
@@ -107,10 +114,12 @@ def sliced_w2(a, b, n_proj=512, seed=0):
     theta /= np.linalg.norm(theta, axis=0)
     return float(np.sqrt(((np.sort(a @ theta, axis=0) - np.sort(b @ theta, axis=0)) ** 2).mean()))
 
+
 def off_mode_fraction(x, gm, k=3.0):
     """The share of points (non-finite ones too) more than k sigma from every mode: the smear between modes that sliced
     W2 hardly sees. Fresh 2-D data scores exp(-k^2/2), 1.1% for k = 3."""
     return float((~(gm.mahalanobis(x).min(1).values <= k * k)).double().mean())
+
 
 def spread(x, gm):
     """How wide samples lie within their modes, which the off-mode share cannot see: tr(Sigma_k^-1 C_k) / D averaged
@@ -121,6 +130,7 @@ def spread(x, gm):
     ratios = [torch.trace(torch.linalg.solve(gm.cov[k], torch.cov(x[nearest == k].T))) / x.shape[1]
               for k in range(len(gm.mu)) if (nearest == k).sum() >= 10]
     return float(torch.stack(ratios).mean()) if ratios else float("nan")
+
 
 @torch.no_grad()
 def exact_errors(model, path, told="step"):
@@ -136,6 +146,7 @@ def exact_errors(model, path, told="step"):
         pred = model(x_t.float(), t.float(), query.float()).double()
         errors[n_steps] = float((pred - exact).pow(2).sum(1).mean().sqrt())
     return errors
+
 
 def evaluate(models, x0, data, data_b, gm, path, seed=0):
     """Samples of each model (name -> (objective or "amed", model)) from the same noise x0 and sampler seed, by NFE
@@ -153,20 +164,21 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
                   + ", ".join(f"{k} of {len(x0)} at {n} steps" for n, k in bad.items() if k))
     measures = {"off_mode": lambda x: off_mode_fraction(x, gm), "spread": lambda x: spread(x, gm),
                 "sliced_w2": lambda x: sliced_w2(x, data)}
-    metrics = {key: {"data": f(data_b), **{name: {n: f(x) for n, x in s.items()} for name, s in samples.items()}}
+    metrics = {key: {"data": f(data_b), **{k: {n: f(x) for n, x in s.items()} for k, s in samples.items()}}
                for key, f in measures.items()}
     metrics["exact_error"] = {name: None if kind in ("amed", "diffusion") else
                               exact_errors(m, path, B.objective(kind).told) for name, (kind, m) in models.items()}
     return samples, metrics
 
-# ----------------------------------------- The run record and training ------------------------------------------
+
+######################### The run record and training ##########################
+
 @dataclasses.dataclass(frozen=True)
 class Run(Record):
     """Every setting of a toy model, each with its flag; a checkpoint holds it (and its teacher's), --reuse compares."""
     dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
     objective: str = setting("shortcut", "what the model trains on (default: shortcut)", choices=list(B.OBJECTIVES))
-    pair: str = setting("independent", "noise-data pairs: independent (default) or by minibatch optimal transport",
-                        choices=["independent", "ot"])
+    pair: str = setting("independent", "noise-data pairs: independent (default) or ot", choices=["independent", "ot"])
     width: int = setting(128, "MLP width (default: 128)", type=as_count)
     depth: int = setting(3, "MLP residual blocks (default: 3)", type=as_count)
     steps: int = setting(None, "training steps per model (default: 4000; 1600 with --table1)", type=as_count)
@@ -174,27 +186,26 @@ class Run(Record):
     lr: float = setting(4e-3, "peak AdamW learning rate, cosine decay (default: 4e-3)", type=as_positive)
     bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
     seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)", type=as_seed)
-    loss_power: float = setting(None, "p of the robust loss, shortcut.regress (default: the objective's)",
-                                type=as_power)
+    loss_power: float = setting(None, "p of the robust loss (default: the objective's)", type=as_power)
     t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_t_scale)
     ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
     times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
     grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
-    stop_grad: bool = setting(True, "exercise 4: gradients through the targets", flag="--no-stop-grad",
-                              action="store_false")
-    d_sampling: str = setting("dyadic", "exercise 6: 2d on the dyadic grid (default) or 2d ~ U[1/64, 1]",
-                              choices=["dyadic", "uniform"])
+    stop_grad: bool = setting(True, "exercise 4: gradients through targets", flag="--no-stop-grad", action="store_false")
+    d_sampling: str = setting("dyadic", "exercise 6: 2d on the grid or ~ U[1/64, 1]", choices=["dyadic", "uniform"])
     ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy, decay 0.999 (the official default)")
-    curriculum: bool = setting(True, "exercise 10: consistency training at the final step 1/64 from the start",
+    curriculum: bool = setting(True, "exercise 10: consistency training at its final step 1/64 throughout",
                                flag="--no-curriculum", action="store_false")
-    d_embed: str = setting("level", "exercise 14: d enters as its level log2(1/d) (default) or as the end time",
+    d_embed: str = setting("level", "exercise 14: d as its level log2(1/d) (default) or the end time t + d",
                            choices=["level", "end"])
     teacher: "Run | None" = None
+
 
 def record(args, **changes):
     """The Run of the flags, some fields changed, and the objective's loss power and t scale if open."""
     settings = {**{f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"}, **changes}
     return Run(**B.defaults(settings["objective"], **settings))
+
 
 def train(run, data, teacher=None, track=None, label=None):
     """One MLP and its log (loss parts, seconds, with track = (K, f) f(model) every K steps). The lr decays to 0, so
@@ -243,9 +254,11 @@ def train(run, data, teacher=None, track=None, label=None):
     log["seconds"] = time.time() - t0
     return model.eval(), log
 
+
 def save_model(path, run, model, seconds):
     write_atomic(path, lambda f: torch.save({"run": dataclasses.asdict(run), "model": model.state_dict(),
                                              "seconds": seconds}, f))
+
 
 def load_model(path):
     """(record, model, training seconds) of a toy checkpoint; UserError unless it is whole and finite."""
@@ -257,6 +270,7 @@ def load_model(path):
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not fit its record ({type(e).__name__})") from None
     return run, model.eval(), float(state["seconds"])
+
 
 def obtain(args, run, name, train_data, teacher=None, track=None):
     """The model of `run` and its log: with --reuse from --out/NAME.pt if that holds the same record, else trained."""
@@ -273,18 +287,20 @@ def obtain(args, run, name, train_data, teacher=None, track=None):
     save_model(path, run, model, log["seconds"])
     return model, log
 
-# ---------------------------------------------------- Figures ---------------------------------------------------
+
+################################### Figures ####################################
+
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
-def plot_samples(path, data, samples, counts, off=None, paths=None):
-    """A row per model, a column per step count (and the data): samples over the data, or with `paths` 250 paths."""
+
+def plot_samples(path, data, samples, counts, off=None):
+    """A row per model, a column per step count (and the data): its samples over the data, with their off-mode share."""
     import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
-    rows, lim = list(samples), np.abs(data).max() * 1.15 if paths is None else 3.0    # 3: where the noise starts
+    rows, lim = list(samples), np.abs(data).max() * 1.15
     fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.3 * (len(counts) + 1), 2.3 * len(rows)),
                              squeeze=False)
     for r, model in enumerate(rows):
@@ -293,12 +309,8 @@ def plot_samples(path, data, samples, counts, off=None, paths=None):
                 ax.set_axis_off()
                 continue
             ax.scatter(*data[:2000].T, s=1, color="k" if n == "data" else "0.85")
-            if n != "data" and paths is not None:
-                ax.add_collection(LineCollection(paths[model][n][:, :250].transpose(1, 0, 2), lw=0.5, alpha=0.5,
-                                                 color=f"C{r % 10}"))
             if n != "data":
-                ax.scatter(*samples[model][n][:2000 if paths is None else 250].T, s=1, alpha=0.4,
-                           color=f"C{r % 10}" if paths is None else "k")
+                ax.scatter(*samples[model][n][:2000].T, s=1, alpha=0.4, color=f"C{r % 10}")
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
             title = "" if r else "data" if n == "data" else f"{n} step{'s' * (n > 1)}"
             if off is not None:      # the share of points more than 3 sigma from every mode
@@ -306,6 +318,7 @@ def plot_samples(path, data, samples, counts, off=None, paths=None):
             ax.set_title(title, fontsize=8)
         axes[r, 0].set_ylabel(model, fontsize=8)
     save_figure(fig, path)
+
 
 def plot_exact(path, errors, models, one_step, history=None, n_points=300):
     """Each model's error at every d and its one-step jumps against the exact flow, and the errors during training."""
@@ -335,36 +348,19 @@ def plot_exact(path, errors, models, one_step, history=None, n_points=300):
         ax.legend(loc="lower left", fontsize=7)
     save_figure(fig, path)
 
-def plot_losses(path, logs, window=50):
-    """The running mean of each part of the loss during training; symlog, so that 0 shows."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, part, title in zip(axes, ("fm", "sc"), ("data rows (flow matching)", "bootstrap rows (self-consistency)")):
-        for i, (name, log) in enumerate(logs.items()):
-            v, w = np.asarray(log[part]), min(window, max(1, len(log[part]) // 5))
-            if not np.isnan(v).all():      # an empty part is all nan; an all-zero one is drawn at 0
-                ax.plot(np.arange(w, len(v) + 1), np.convolve(v, np.ones(w) / w, "valid"), color=f"C{i}", label=name)
-        ax.set(xlabel="training step", title=f"{title}, running mean")
-        ax.set_yscale("symlog", linthresh=1e-4)
-        if ax.lines:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no rows of this kind", ha="center", transform=ax.transAxes)
-    save_figure(fig, path)
 
-# ----------------------------------------------------- Main -----------------------------------------------------
+##################################### Main #####################################
+
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings(p, Run)
     a = p.add_argument
-    a("--seeds", type=as_count, default=1, help="train every model with the seeds --seed, --seed + 1, ... and report "
-      "the mean and the standard deviation of each measure over them (default: 1)")
+    a("--seeds", type=as_count, default=1, help="seeds --seed, --seed + 1, ...: mean ± standard deviation")
     a("--no-baseline", action="store_true", help="do not train the flow-matching baseline beside the model")
     a("--table1", action="store_true", help="train every objective of the paper's Table 1 instead")
     a("--sweep", choices=["bootstrap-frac"], help="exercise 5: train at bootstrap fractions 1/16 .. 1/2 instead")
     a("--reuse", action="store_true", help="reload each model from its checkpoint in --out when its record matches")
-    a("--track-exact", type=as_count, metavar="K",
-      help="exercise 7: every K steps, measure the model against the exact flow")
+    a("--track-exact", type=as_count, metavar="K", help="exercise 7: every K steps, the error against the exact flow")
     a("--n-samples", type=checked(int, lambda v: 20 <= v <= 10 ** 6, "from 20 to 10^6"),
       help="samples per step count (default: 4000; 3000 with --table1)")
     a("--out", default="out/toy", type=checked(str, bool, "a folder"), help="output folder (default: out/toy)")
@@ -380,10 +376,12 @@ def parse_args(argv=None):
            "--ema-teacher: a two-phase objective's targets come from its teacher")
     return args
 
+
 FLOW = dict(objective="flow", pair="independent")
 TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [
     ("shortcut, robust loss", dict(objective="shortcut", loss_power=0.5)), ("AMED on flow", None)]
 SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) for n in (16, 8, 4, 2)]
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -393,6 +391,7 @@ def main(argv=None):
     with claim(args.out):
         check_outputs(args.out, f"{stem}.json", dataclasses.asdict(record(args)))
         return compare(args, stem, rows, [1, 2, 4, 8, 128] if stem == "toy" else [1, 4, 128])
+
 
 def compare(args, stem, rows, counts):
     """Every row's model for each seed, measured: STEM.md, .json, .npz, .png (the first seed's samples at `counts`)."""
@@ -415,6 +414,7 @@ def compare(args, stem, rows, counts):
     plot_samples(os.path.join(args.out, f"{stem}.png"), data, samples, counts, per_seed[0].get("off_mode"))
     print(f"\ndone in {time.time() - start:.1f}s; wrote {stem}.md, .json, .npz, .png and checkpoints to {args.out}")
     return metrics
+
 
 def replicate(args, rows, seed, gm, path):
     """One seed of a comparison: its data, noise, models, samples and measures. The flow-matching row (the same record
@@ -450,9 +450,10 @@ def replicate(args, rows, seed, gm, path):
     metrics["train_seconds"] = {row: logs[row]["seconds"] for row in models}
     return models, logs, data, x0, samples, metrics
 
-def file_name(row):
-    """A row's name as a file or key name: 'shortcut, robust loss' -> 'shortcut_robust_loss'."""
+
+def file_name(row):          # 'shortcut, robust loss' -> 'shortcut_robust_loss'
     return re.sub(r"[^A-Za-z0-9-]+", "_", row)
+
 
 def average(values):
     """The mean over seeds of nested dicts of numbers (None where a seed has None)."""
@@ -460,10 +461,12 @@ def average(values):
         return {k: average([v[k] for v in values]) for k in values[0]}
     return None if any(v is None for v in values) else float(np.mean(values))
 
+
 MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "{:.1%}"),
             ("spread", "spread within the modes, tr(Sigma^-1 C) / D: 1 is the data's, below 1 too tight", "{:.2f}"),
             ("sliced_w2", "sliced W2 to fresh data", "{:.3f}"),
             ("exact_error", "RMS error of s(x_t, t, d) against the exact jump, d = 1/NFE", "{:.3f}")]
+
 
 def tables(metrics, counts, head):
     """A markdown table per measure, a row per model, a column per NFE; over seeds, mean ± standard deviation."""
@@ -482,18 +485,13 @@ def tables(metrics, counts, head):
     seconds = ", ".join(f"{row} {s:.1f}" for row, s in metrics["train_seconds"].items())
     return "\n".join(out + [f"training seconds: {seconds}"]) + "\n"
 
+
 def one_run_figures(args, models, logs, data, x0, path, errors):
-    """The figures of the usual run; returns the errors during training (--track-exact) for the record."""
-    counts, history = [1, 4, 128], next(iter(logs.values())).get("exact")
-    paths = {k: {n: B.objective(obj).sample(m, x0, n, trajectory=True)[1].numpy() for n in counts}
-             for k, (obj, m) in models.items() if B.objective(obj).told != "1 - t"}
-    if paths:
-        plot_samples(os.path.join(args.out, "trajectories.png"), data,
-                     {k: {n: p[-1] for n, p in v.items()} for k, v in paths.items()}, counts, paths=paths)
-    if any("fm" in log for log in logs.values()):
-        plot_losses(os.path.join(args.out, "losses.png"), {k: v for k, v in logs.items() if "fm" in v})
+    """The usual run's figure against the exact flow; returns the errors during training (--track-exact)."""
+    history = next(iter(logs.values())).get("exact")
     plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()), history)
     return {"exact_during_training": history} if history else {}
+
 
 if __name__ == "__main__":
     cli(main, "lower --batch-size or --n-samples")
