@@ -584,7 +584,7 @@ def test_amed_takes_two_evaluations_a_step_and_learns_a_better_step_than_the_mid
     S.sample(flow, x0, 4, rule=amed.step)
     assert GaussianVelocity.calls == 8                            # NFE 2 per step
     torch.manual_seed(0)
-    amed.fit(flow, x0, iters=150)
+    amed.fit(flow, x0, iters=80)
     after = one_step()
     assert after < 0.5 * before, (before, after)
     untouched = S.MLP()                                           # AMED reads the flow and leaves it as it was
