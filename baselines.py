@@ -1,36 +1,28 @@
-"""The other training objectives of the paper's Table 1, as target builders.
+"""The other training objectives of the paper's Table 1, and two successors, as target builders.
 
-Every row of Table 1 ("One Step Diffusion via Shortcut Models", Frans et al., ICLR 2025) is a
-way to build regression targets for one network s(x_t, t, d): a builder draws the queries
-(x_t, t, d) for a batch of data x1 and says what s should answer there, as a `Targets`
-record (shortcut.py), which `shortcut.regress` fits. All builders share one signature,
+Every row of Table 1 is a way to build regression targets for one network s(x_t, t, d): a
+builder draws the queries (x_t, t, d) for a batch of data x1 and says what s should answer
+there, as a `shortcut.Targets`, which `shortcut.regress` fits. All share one signature,
 
     builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets,
 
-where `progress` in [0, 1] is the share of training done (for the curricula), `teacher` is
-the frozen flow-matching model of the two-phase objectives (for the others, an optional EMA copy
-that builds the targets in the model's place), and the options are the keywords
-of each builder (`options_of` picks them from a run's record). `make_targets(name, ...)`
-picks a builder from the registry `OBJECTIVES`, which also says how each one samples.
-
-The network is always told the d that its target means: 0 (the velocity) for flow matching,
-diffusion and reflow; 1 - t (the jump to the end) for the consistency objectives; the stage's
-d for progressive distillation; 1 for the reflow rows of live reflow. So consistency models
-are shortcut models restricted to d = 1 - t, progressive distillation trains one d at a
-time, and flow matching only d = 0. Beyond the paper: `meanflow` (Geng et al. 2025), the
-continuous-time form of eq. 5; pair="ot", minibatch optimal transport (as in iSM, "Improved
-Training Technique for Shortcut Models", 2025); and `AMED`, a learned solver for a flow model.
+with `progress` in [0, 1] the share of training done (for the curricula) and `teacher` the frozen
+flow-matching model of the two-phase objectives (for the others, an optional EMA copy that builds
+the targets in the model's place). The registry `OBJECTIVES` also says how each one samples.
+The network is always told the d its target means: 0 (the velocity) for flow matching, diffusion
+and reflow; 1 - t (the jump to the end) for the consistency objectives; the stage's d for
+progressive distillation; 1 for live reflow's reflow rows. Beyond the paper: MeanFlow (Geng et
+al. 2025), eq. 5 in continuous time, and AMED, a learned solver for a flow model.
 
 Where these depart from the official builders (kvfrans/shortcut-models, targets_*.py):
-* The official code ignores d for everything but shortcut and live reflow; here each
-  objective is told the d above, so one network and one sampler serve them all.
-* Targets that need the network's own prediction use the model itself under no_grad unless
-  a teacher is passed; the official code uses the EMA, which lags in short runs (exercise 8).
-* The curricula follow `progress` rather than a step counter.
-* Reflow is not in the official code. Here its pairs are generated per batch (fresh noise, 8
-  Euler steps of the teacher) rather than once as a fixed data set: the same distribution.
-* The diffusion row is the variance-preserving cosine path, trained on its velocity and
-  sampled by Euler on its probability-flow ODE.
+* The official code tells only shortcut and live reflow their d; here every objective is told
+  its d, so one network and one sampler serve them all.
+* Targets that need the network's own prediction use the model under no_grad unless a teacher
+  is passed; the official code uses the EMA, which lags in short runs (exercise 8).
+* The curricula follow `progress` rather than a step counter. Reflow (not in the official code)
+  draws its pairs per batch (fresh noise, 8 Euler steps of the teacher): the same distribution.
+* Diffusion is the variance-preserving cosine path, trained on its velocity and sampled by Euler
+  on its probability-flow ODE.
 """
 import inspect
 import math
@@ -311,28 +303,22 @@ OBJECTIVES = {
 }
 
 
-def objective(name):
-    """The registry entry of `name`; ValueError naming the choices if there is none."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
 def defaults(name, **settings):
     """A run's settings with the objective's own loss power and t scale where they are None."""
-    obj = objective(name)
-    return {**settings, **{k: getattr(obj, k) for k in ("loss_power", "t_scale") if settings.get(k) is None}}
+    own = {k: getattr(OBJECTIVES[name], k) for k in ("loss_power", "t_scale")}
+    return {**settings, **{k: v for k, v in own.items() if settings.get(k) is None}}
 
 
 def options_of(name, settings):
     """The entries of `settings` (a run's record, say) that the builder of `name` takes."""
-    taken = [p.name for p in inspect.signature(objective(name).targets).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    taken = [p.name for p in inspect.signature(OBJECTIVES[name].targets).parameters.values()
+             if p.kind == p.KEYWORD_ONLY]
     return {k: v for k, v in settings.items() if k in taken and k not in ("teacher", "progress")}
 
 
 def make_targets(name, model, x1, y=None, *, teacher=None, progress=0.0, **options):
     """The targets of objective `name` for a batch of data x1 (see the module docstring)."""
-    obj = objective(name)
+    obj = OBJECTIVES[name]
     if obj.two_phase and teacher is None:
         raise ValueError(f"{name} is a two-phase objective: it needs teacher=, a trained flow-matching model")
     if not 0.0 <= progress <= 1.0:

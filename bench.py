@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines import OBJECTIVES, make_targets, objective, options_of
+from baselines import OBJECTIVES, make_targets, options_of
 from images import DATA, generate, get_batch
 from runs import as_count, checked
 from shortcut import DiT, ema_update, regress, sample
@@ -54,7 +54,7 @@ def benchmark(run, args, cfg, device):
     for name in OBJECTIVES:
         model = DiT(cfg).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
-        teacher = copy.deepcopy(model).requires_grad_(False) if objective(name).two_phase else None
+        teacher = copy.deepcopy(model).requires_grad_(False) if OBJECTIVES[name].two_phase else None
         opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                 fused=device.type in ("cuda", "cpu"))
         options = options_of(name, {**dataclasses.asdict(run), "pair": "independent"})

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import torch
 
-from baselines import AMED, objective
+from baselines import AMED, OBJECTIVES
 from runs import UserError, as_count, checked, first_line, refuse, write_atomic
 from shortcut import sample, step_sizes
 
@@ -303,9 +303,9 @@ def evaluate(model, run, args, data):
     shape, cuda = (info.channels, info.size, info.size), [device] if device.type == "cuda" else []
     noise = lambda k, s: torch.randn(k, *shape, generator=torch.Generator().manual_seed(s)).to(device)  # noqa: E731
     x0, y = noise(n, run.seed + 1), (torch.arange(n) % info.classes).to(device) if info.classes else None
-    settings = [(f"{name}_{N}", objective(name).sample, N) for N in args.eval_steps]
+    settings = [(f"{name}_{N}", OBJECTIVES[name].sample, N) for N in args.eval_steps]
     if name == "shortcut":
-        settings += [(f"velocity_{N}", objective("flow").sample, N) for N in args.eval_steps if N < 128]
+        settings += [(f"velocity_{N}", OBJECTIVES["flow"].sample, N) for N in args.eval_steps if N < 128]
     if name == "flow" and args.amed_iters:
         t0, k = time.time(), min(n, 2048)
         with torch.random.fork_rng(devices=cuda):

@@ -121,7 +121,7 @@ def quick_train(*flags, steps=400, objective="shortcut"):
     learn from a flow-matching teacher trained for the same number of steps)."""
     args = toy.parse_args(["--steps", str(steps), "--width", "64", "--objective", objective, *flags])
     data = toy.sample_data("ring", 20_000, np.random.default_rng(0))
-    teacher = quick_train(steps=steps, objective="flow")[0] if B.objective(objective).two_phase else None
+    teacher = quick_train(steps=steps, objective="flow")[0] if B.OBJECTIVES[objective].two_phase else None
     return toy.train(toy.record(args), data, teacher)
 
 
@@ -134,7 +134,7 @@ def one_step_w2(model, flow=False):
 def off_mode(model, objective, steps):
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)                            # the multistep rule draws fresh noise
-    return toy.off_mode_fraction(B.objective(objective).sample(model, x0, steps).numpy(), toy.ring())
+    return toy.off_mode_fraction(B.OBJECTIVES[objective].sample(model, x0, steps).numpy(), toy.ring())
 
 
 def test_exercise_2_one_flow_step_lands_on_the_data_mean():
@@ -314,7 +314,8 @@ def test_a_toy_teacher_is_trained_with_the_students_record(tmp_path, capsys):
     base = ["--steps", "5", "--width", "16", "--n-samples", "200", "--objective", "progressive-distillation"]
     metrics = toy.main(base + ["--d-embed", "end", "--t-scale", "1", "--seeds", "2", "--out", str(tmp_path / "pd")])
     for seed in ("", "_seed1"):
-        teacher, student = (toy.load_model(tmp_path / "pd" / f"{n}{seed}.pt")[0] for n in ("flow", "progressive-distillation"))
+        teacher, student = (toy.load_model(tmp_path / "pd" / f"{name}{seed}.pt")[0]
+                            for name in ("flow", "progressive-distillation"))
         assert teacher.objective == "flow" and (teacher.d_embed, teacher.t_scale) == ("end", 1.0)
         assert student.teacher == teacher and teacher.seed == student.seed
     assert len(metrics["per_seed"]) == 2
@@ -337,9 +338,11 @@ def test_toy_cli_rejects_bad_flags_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
     code, err = run_cli(toy, ["--steps", "1", "--lr", "1e100", "--no-baseline", "--width", "16", "--n-samples", "100",
                               "--out", str(tmp_path / "nan")], capsys)
-    assert code == 1 and "non-finite" in err and len(err.splitlines()) == 1 and not (tmp_path / "nan" / "shortcut.pt").exists()
+    assert code == 1 and "non-finite" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "nan" / "shortcut.pt").exists()
     r = subprocess.run([sys.executable, "train_toy.py", "--steps", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "error: argument --steps: must be an integer from 1 to 10^9, got '0'"
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: argument --steps: must be an integer from 1 to 10^9, got '0'"
 
 
 def test_a_toy_folder_is_replaced_only_by_a_run_of_the_same_record(tmp_path, capsys):
@@ -663,7 +666,8 @@ def test_bad_input_stops_in_one_line_before_anything_is_written(tmp_path, data_d
     a_file.write_text("x")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b truncated")
     cases = [(["--dataset", "mnist"], "invalid choice: 'mnist'"), (["--patch", "0"], "from 1 to 10^9"),
-             (["--patch", "-2"], "from 1 to 10^9"), (["--lr", "nan"], "finite number above 0"), (["--lr", "-1"], "--lr"),
+             (["--patch", "-2"], "from 1 to 10^9"), (["--lr", "nan"], "finite number above 0"),
+             (["--lr", "-1"], "--lr"),
              (["--weight-decay", "-0.1"], "--weight-decay"), (["--seed", "-1"], "--seed"),
              (["--out", str(a_file)], "File exists"), (["--out", str(a_file / "sub")], "Not a directory"),
              (["--benchmark", "--bench-steps", "0"], "--bench-steps"), (["--cfg-scale", "inf"], "from -100 to 100"),
@@ -772,7 +776,7 @@ def test_a_finished_run_is_only_sampled_and_its_steps_cannot_change(tmp_path, da
     before = (out / "checkpoint.pt").read_bytes()
     capsys.readouterr()
     ti.main(["--data-dir", data_dir, "--resume", str(out / "checkpoint.pt"), *TINY[4:]])
-    assert "nothing to train" in capsys.readouterr().out and (out / "checkpoint.pt").read_bytes() == before
+    assert "it is only sampled" in capsys.readouterr().out and (out / "checkpoint.pt").read_bytes() == before
     for steps in ("2", "8"):
         code, err = run_cli(ti, ["--steps", steps, "--data-dir", data_dir, "--resume", str(out / "checkpoint.pt"),
                                  *TINY[4:]], capsys)
@@ -931,7 +935,8 @@ def test_links_are_never_followed_and_a_dead_writers_temporary_files_are_removed
 def test_ctrl_c_while_sampling_stops_in_one_line(tmp_path, data_dir):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train_images.py", *TINY, "--steps", "1", "--n-samples", "100000",
-                             "--eval-batch-size", "50", "--eval-steps", "128", "--data-dir", data_dir, "--out", str(out)],
+                             "--eval-batch-size", "50", "--eval-steps", "128", "--data-dir", data_dir,
+                             "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("trained"):

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from baselines import OBJECTIVES, defaults, make_targets, new_stage, objective, options_of, stage
+from baselines import OBJECTIVES, defaults, make_targets, new_stage, options_of, stage
 import images
 from images import DATA, evaluate, fid_scores, get_batch, load_dataset
-from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count, check_replicas,
-                  as_positive, as_power, as_seed, as_share, as_t_scale, check_outputs, check_teacher, checked, claim,
-                  cli, deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting, setup_distributed,
-                  write_atomic)
+from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count,
+                  as_positive, as_power, as_seed, as_share, as_t_scale, check_outputs, check_replicas, check_teacher,
+                  checked, claim, cli, deferred_stop, first_line, load_checkpoint, pick_device, refuse, setting,
+                  setup_distributed, write_atomic)
 from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress
 
 
@@ -43,7 +43,7 @@ class Run(Record):
     dataset: str = setting("digits", "digits (8x8, CPU; default), cifar10 or celeba", choices=list(DATA))
     model: str = setting("XS", "DiT size (default: XS for digits, B otherwise)", choices=list(DIT_SIZES))
     patch: int = setting(2, "patch size (default: 2; 4 for celeba)", type=as_count)
-    objective: str = setting("shortcut", "what it trains on (baselines.py; default: shortcut)", choices=list(OBJECTIVES))
+    objective: str = setting("shortcut", "what it trains on (default: shortcut)", choices=list(OBJECTIVES))
     pair: str = setting("independent", "noise-data pairs: independent (default) or minibatch optimal transport",
                         choices=["independent", "ot"])
     bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
@@ -117,7 +117,7 @@ def the_run(args):
         for name, value in given.items():
             refuse(getattr(run, name) != value, f"--{name.replace('_', '-')} {value} contradicts {args.resume!r}, "
                    f"whose run has {name} = {getattr(run, name)}: a resumed run keeps its record; {FREE}")
-    two_phase = objective(run.objective).two_phase
+    two_phase = OBJECTIVES[run.objective].two_phase
     refuse(run.pair == "ot" and run.objective == "reflow", "--pair ot does not apply to reflow, whose pairs come "
            "from its teacher")
     refuse(run.ema_teacher and two_phase, f"--ema-teacher: {run.objective}'s targets come from its teacher")
@@ -192,7 +192,7 @@ def main(argv=None):
             ema = copy.deepcopy(model).requires_grad_(False)
             opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                     fused=device.type in ("cuda", "cpu"))
-            two_phase = objective(run.objective).two_phase
+            two_phase = OBJECTIVES[run.objective].two_phase
             teacher = DiT(dataclasses.replace(cfg, t_scale=run.teacher.t_scale)).to(device).requires_grad_(False) \
                 if two_phase else None
             start = state["step"] if state else 0
@@ -215,7 +215,7 @@ def main(argv=None):
             log(f"{run.dataset}: {len(data)} images, DiT-{run.model}/{run.patch} "
                 f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), device {device} x {world}, "
                 f"batch {run.batch_size}, objective {run.objective}" + (f", resumed at step {start}" if state else "")
-                + ("; the checkpoint is finished: nothing to train, so it is only sampled" if start >= run.steps else ""))
+                + ("; the checkpoint is finished: it is only sampled" if start >= run.steps else ""))
 
             # The loop. A builder of baselines.py draws the queries and targets; the network regresses them.
             net = torch.compile(model) if args.compile else model

@@ -154,7 +154,7 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
     samples = {}
     for name, (kind, model) in models.items():
         sampler, nfe, model = (functools.partial(sample, rule=model[0].step, off_grid=True), 2, model[1]) \
-            if kind == "amed" else (B.objective(kind).sample, 1, model)
+            if kind == "amed" else (B.OBJECTIVES[kind].sample, 1, model)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             samples[name] = {nfe * n: sampler(model, x0, n).numpy() for n in STEP_COUNTS if nfe * n <= MAX_STEPS}
@@ -167,7 +167,7 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
     metrics = {key: {"data": f(data_b), **{k: {n: f(x) for n, x in s.items()} for k, s in samples.items()}}
                for key, f in measures.items()}
     metrics["exact_error"] = {name: None if kind in ("amed", "diffusion") else
-                              exact_errors(m, path, B.objective(kind).told) for name, (kind, m) in models.items()}
+                              exact_errors(m, path, B.OBJECTIVES[kind].told) for name, (kind, m) in models.items()}
     return samples, metrics
 
 
@@ -191,7 +191,8 @@ class Run(Record):
     ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
     times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
     grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
-    stop_grad: bool = setting(True, "exercise 4: gradients through targets", flag="--no-stop-grad", action="store_false")
+    stop_grad: bool = setting(True, "exercise 4: gradients through targets", flag="--no-stop-grad",
+                              action="store_false")
     d_sampling: str = setting("dyadic", "exercise 6: 2d on the grid or ~ U[1/64, 1]", choices=["dyadic", "uniform"])
     ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy, decay 0.999 (the official default)")
     curriculum: bool = setting(True, "exercise 10: consistency training at its final step 1/64 throughout",
@@ -340,7 +341,7 @@ def plot_exact(path, errors, models, one_step, history=None, n_points=300):
     x0, exact = one_step[0][:n_points], one_step[1][:n_points]
     for i, (ax, (name, (obj, model))) in enumerate(zip(axes[1:], models.items())):
         with torch.no_grad():
-            jump = x0 + model(x0, torch.zeros(len(x0)), torch.full((len(x0),), float(B.objective(obj).told != "0")))
+            jump = x0 + model(x0, torch.zeros(len(x0)), torch.full((len(x0),), float(B.OBJECTIVES[obj].told != "0")))
         ax.add_collection(LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
         ax.scatter(*exact.T, s=4, color="0.5", label="exact Phi_{0->1}(x0)")
         ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
@@ -372,7 +373,7 @@ def parse_args(argv=None):
     refuse(args.sweep and args.bootstrap_frac != 0.25, "--bootstrap-frac: --sweep sets it row by row")
     refuse(args.pair == "ot" and (args.table1 or args.objective == "reflow"), "--pair ot does not apply to reflow, "
            "whose pairs come from its teacher")
-    refuse(args.ema_teacher and (args.table1 or B.objective(args.objective).two_phase),
+    refuse(args.ema_teacher and (args.table1 or B.OBJECTIVES[args.objective].two_phase),
            "--ema-teacher: a two-phase objective's targets come from its teacher")
     return args
 
@@ -385,7 +386,7 @@ SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) 
 
 def main(argv=None):
     args = parse_args(argv)
-    baseline = B.objective(args.objective).two_phase or not args.no_baseline and args.objective != "flow"
+    baseline = B.OBJECTIVES[args.objective].two_phase or not args.no_baseline and args.objective != "flow"
     stem = "table1" if args.table1 else "sweep" if args.sweep else "toy"
     rows = {"table1": TABLE1, "sweep": SWEEP, "toy": [(args.objective, {})] + [("flow", FLOW)] * baseline}[stem]
     with claim(args.out):
@@ -425,7 +426,7 @@ def replicate(args, rows, seed, gm, path):
     suffix, teacher, models, logs = f"_seed{seed}" * (seed != args.seed), None, {}, {}
     for i, (row, changes) in enumerate(rows):
         run = record(args, seed=seed, **(FLOW if changes is None else changes))
-        two_phase = B.objective(run.objective).two_phase
+        two_phase = B.OBJECTIVES[run.objective].two_phase
         flow_row = run.objective == "flow" and run.pair == "independent"
         if (flow_row or two_phase) and teacher is None:
             flow_run = record(args, seed=seed, **FLOW)
