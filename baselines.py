@@ -1,28 +1,19 @@
 """The other training objectives of the paper's Table 1, and two successors, as target builders.
 
-Every row of Table 1 is a way to build regression targets for one network s(x_t, t, d): a
-builder draws the queries (x_t, t, d) for a batch of data x1 and says what s should answer
-there, as a `shortcut.Targets`, which `shortcut.regress` fits. All share one signature,
+Every row of Table 1 builds regression targets for one network s(x_t, t, d): a builder draws
+the queries for a batch of data x1 and says what s should answer there, as a `shortcut.Targets`
+that `shortcut.regress` fits. All share one signature,
 
     builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets,
 
-with `progress` in [0, 1] the share of training done (for the curricula) and `teacher` the frozen
-flow-matching model of the two-phase objectives (for the others, an optional EMA copy that builds
-the targets in the model's place). The registry `OBJECTIVES` also says how each one samples.
-The network is always told the d its target means: 0 (the velocity) for flow matching, diffusion
-and reflow; 1 - t (the jump to the end) for the consistency objectives; the stage's d for
-progressive distillation; 1 for live reflow's reflow rows. Beyond the paper: MeanFlow (Geng et
-al. 2025), eq. 5 in continuous time, and AMED, a learned solver for a flow model.
-
-Where these depart from the official builders (kvfrans/shortcut-models, targets_*.py):
-* The official code tells only shortcut and live reflow their d; here every objective is told
-  its d, so one network and one sampler serve them all.
-* Targets that need the network's own prediction use the model under no_grad unless a teacher
-  is passed; the official code uses the EMA, which lags in short runs (exercise 8).
-* The curricula follow `progress` rather than a step counter. Reflow (not in the official code)
-  draws its pairs per batch (fresh noise, 8 Euler steps of the teacher): the same distribution.
-* Diffusion is the variance-preserving cosine path, trained on its velocity and sampled by Euler
-  on its probability-flow ODE.
+with `progress` in [0, 1] the share of training done (for the curricula) and `teacher` the
+frozen flow-matching model of the two-phase objectives (for the others, an optional EMA copy
+that builds the targets in the model's place). Unlike the official code, which tells only
+shortcut and live reflow their d, every objective is told the d its target means, so one
+network and one sampler serve them all; the registry `OBJECTIVES` says how each one samples.
+The curricula follow `progress` rather than a step counter. Beyond the paper: MeanFlow (Geng et
+al. 2025), eq. 5 in continuous time, and AMED, a learned solver for a flow model. Where the
+builders depart from the official ones is listed at the end of shortcut.py.
 """
 import inspect
 import math
@@ -35,10 +26,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, draw_noise, guided, interpolate, jump, sample,
-                      shortcut_targets, two_jumps, velocity)
+                      shortcut_targets, velocity)
 
-REFLOW_STEPS = 8         # Euler steps of the teacher that make one reflow pair
-LIVE_REFLOW_STEPS = 8    # and of the model itself for live reflow's pairs (official)
+PAIR_STEPS = 8     # Euler steps that make a (live) reflow pair: the official live reflow's
 
 
 ####################### One-phase objectives (from data) #######################
@@ -51,8 +41,7 @@ def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, pair="indepe
 
 def shortcut(model, x1, y=None, *, teacher=None, progress=0.0, bootstrap_frac=0.25, clip=4.0, pair="independent",
              grounded=True, stop_grad=True, d_sampling="dyadic"):
-    """Shortcut models (Frans et al. 2025), eqs. 4-5: shortcut.shortcut_targets, whose
-    options these are (bootstrap_frac, clip, pair and the exercises' ablations)."""
+    """Shortcut models (Frans et al. 2025), eqs. 4-5: shortcut.shortcut_targets with its options."""
     return shortcut_targets(model, x1, y, teacher=teacher, bootstrap_frac=bootstrap_frac, clip=clip, pair=pair,
                             grounded=grounded, stop_grad=stop_grad, d_sampling=d_sampling)
 
@@ -106,7 +95,7 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
     y_r = None if y is None else y[:n]
     x0 = torch.randn_like(x1[:n])
     with torch.no_grad():
-        x1_hat = sample(model if teacher is None else teacher, x0, LIVE_REFLOW_STEPS, y_r, rule=velocity)
+        x1_hat = sample(model if teacher is None else teacher, x0, PAIR_STEPS, y_r, rule=velocity)
     t = torch.rand(n, device=x1.device)
     return Targets(torch.cat([interpolate(x0, x1_hat, t), tg.x_t[n:]]), torch.cat([t, tg.t[n:]]),
                    torch.cat([torch.ones_like(t), tg.d[n:]]), y, torch.cat([x1_hat - x0, tg.target[n:]]), n)
@@ -114,34 +103,35 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
 
 ############# Two-phase objectives (from a flow-matching teacher) ##############
 
-def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
+def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
     """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen
-    flow-matching teacher takes one Euler step of h = 1/128 from x_t to x_t2, the network
-    predicts the end point from there, x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and
-    s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t."""
+    flow-matching teacher takes one Euler step of h = 1/128 from x_t to x_t2 (clipped to +-clip,
+    as officially), the network predicts the end point from there, x1_hat = x_t2 + (1 - t2)
+    s(x_t2, t2, 1 - t2), and s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)], told d = 1 - t."""
     h = 1.0 / MAX_STEPS
     x0 = draw_noise(x1, pair, y)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
     x_t, t2 = interpolate(x0, x1, t), t + h
     with torch.no_grad():
-        x_t2 = x_t + h * teacher(x_t, t, torch.zeros_like(t), y)
+        x_t2 = (x_t + h * teacher(x_t, t, torch.zeros_like(t), y)).clamp(-clip, clip)
         end = x_t2 + bcast(1 - t2, x1) * model(x_t2, t2, 1 - t2, y)
     return Targets(x_t, t, 1 - t, y, (end - x_t) / bcast(1 - t, x1), len(x1))
 
 
 def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
     """Progressive distillation (Salimans & Ho 2022) in 7 stages: stage j trains the single
-    step d = 2^-(6-j) (1/64 first, 1 last) on t in the multiples of d, with the target the mean
-    of two teacher jumps of d/2 (eq. 5's construction, clipped): s(x_t, t, d) <- sg[two jumps].
-    The student starts as the flow-matching teacher, and at each new stage the teacher becomes
-    a copy of the student (`new_stage`): the training loop does both. Told the stage's d."""
+    step d = 2^-(6-j) (1/64 first, 1 last) on t in the multiples of d, told d, with eq. 5's
+    target from two teacher jumps of d/2, s(x_t, t, d) <- sg[(s1 + s2) / 2]; as officially, only
+    the intermediate point is clipped. The student starts as the flow-matching teacher, and at
+    each new stage the teacher becomes a copy of the student (`new_stage`): the loop does both."""
     d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - stage(progress))
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
-    x_t, dd = interpolate(x0, x1, t), torch.full_like(t, d)
+    x_t, h = interpolate(x0, x1, t), torch.full_like(t, d / 2)
     with torch.no_grad():
-        target = two_jumps(teacher, x_t, t, dd / 2, y, clip)
-    return Targets(x_t, t, dd, y, target, len(x1))
+        s1 = teacher(x_t, t, h, y)
+        s2 = teacher((x_t + d / 2 * s1).clamp(-clip, clip), t + h, h, y)
+    return Targets(x_t, t, 2 * h, y, (s1 + s2) / 2, len(x1))
 
 
 def new_stage(name, progress, next_progress):
@@ -160,7 +150,7 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
         raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
     with torch.no_grad():
-        x1_hat = sample(teacher, x0, REFLOW_STEPS, y, rule=velocity)
+        x1_hat = sample(teacher, x0, PAIR_STEPS, y, rule=velocity)
     t = torch.rand(len(x1), device=x1.device)
     return Targets(interpolate(x0, x1_hat, t), t, torch.zeros_like(t), y, x1_hat - x0, len(x1))
 
@@ -169,31 +159,31 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
 
 def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75,
              times="logit-normal"):
-    """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous
-    time. s(x, t, d) is the average velocity over [t, t + d]; differentiating
-    d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the path with t + d held fixed gives
-    s = v + d (v . grad_x s + d_t s - d_d s), and the target is its right side under
-    stop-gradient, with v = x1 - x0 (`meanflow_target`), not clipped. Queries: a `ratio` share
-    of the rows has d > 0, the rest d = 0 (the target is then v: flow matching). The start and
-    the end of each jump are the smaller and the larger of two times: times="logit-normal" draws
-    them as sigmoid(N(0.6, 1.6)) and sigmoid(N(4, 1.6)), the official CIFAR-10 values in this
-    project's direction of time; "uniform" as two uniforms. Its loss is the adaptive weight with
-    p = 1 (the registry's loss_power). Told d, any d in [0, 1]; sampled by the shortcut sampler."""
+    """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous time.
+    s(x, t, d) is the average velocity over [t, t + d]; differentiating d s(x_t, t, d) =
+    Phi_{t->t+d}(x_t) - x_t along the path with t + d held fixed gives s = v + d (v . grad_x s +
+    d_t s - d_d s), and the target is its right side under stop-gradient with v = x1 - x0, not
+    clipped. Queries by the authors' sampler `v1` in their time tau = 1 - t: tau_t ~ sigmoid(N(-0.6,
+    1.6)), tau_r ~ sigmoid(N(-4, 1.6)) (times="uniform": U[0, 1]), tau_r = tau_t with probability
+    1 - ratio, then tau_r = min(tau_t, tau_r): a jump from t = 1 - tau_t over d = tau_t - tau_r, and
+    about 30% of the rows flow matching (d = 0, put last). The registry holds the rest of the
+    recipe: p = 0.75 and the plain mean, t unscaled, d told continuously (d_embed "gap")."""
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    B, n = len(x1), round(ratio * len(x1))
+    B, dev = len(x1), x1.device
     x0 = draw_noise(x1, pair, y)
     if times == "logit-normal":
-        mean = torch.tensor([[0.6], [4.0]], device=x1.device)
-        a, b = torch.sigmoid(mean + 1.6 * torch.randn(2, B, device=x1.device))
+        tau_t, tau_r = torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev))
     elif times == "uniform":
-        a, b = torch.rand(2, B, device=x1.device)
+        tau_t, tau_r = torch.rand(2, B, device=dev)
     else:
         raise ValueError(f"times must be 'logit-normal' or 'uniform', got {times!r}")
-    t = torch.minimum(a, b)
-    d = torch.cat([(a - b).abs()[:n], torch.zeros(B - n, device=x1.device)])
+    tau_r = torch.minimum(tau_t, torch.where(torch.rand(B, device=dev) < 1 - ratio, tau_t, tau_r))
+    rows = torch.argsort((tau_r == tau_t).int(), stable=True)
+    x0, x1, y, t, d = x0[rows], x1[rows], None if y is None else y[rows], 1 - tau_t[rows], (tau_t - tau_r)[rows]
     x_t = interpolate(x0, x1, t)
-    return Targets(x_t, t, d, y, meanflow_target(model if teacher is None else teacher, x_t, t, d, x1 - x0, y), n)
+    target = meanflow_target(model if teacher is None else teacher, x_t, t, d, x1 - x0, y)
+    return Targets(x_t, t, d, y, target, int((d > 0).sum()))
 
 
 def meanflow_target(net, x_t, t, d, v, y=None):
@@ -209,16 +199,13 @@ def meanflow_target(net, x_t, t, d, v, y=None):
 ########## Beyond the paper: AMED, a learned solver for a flow model ###########
 
 class AMED(torch.nn.Module):
-    """AMED (Zhou et al., CVPR 2024): a sampler for a trained flow-matching model, the solver's
-    answer to a shortcut. Each step from t to t + d first takes an Euler step to u = t + r d,
-    then the whole step with the velocity there: x <- x + c d v(x_u, u), 2 network evaluations
-    per step. This module is only the step predictor: a tiny network of r in (0, 1) and a scale
-    c near 1 for each sample, from t, d and two cheap features of x_t, its RMS and that of
-    v(x_t, t). Published AMED reads the network's bottleneck features instead. It starts as the
-    midpoint rule (r = 1/2, c = 1), and `fit` trains it to land where the flow's own fine
-    solution (128 Euler steps) lands at t + d; the flow itself is only read. Sample with
-    sample(flow, x0, N, rule=amed.step). Whether one u per point can be exact is exercise 13 of
-    docs/EXERCISES.md: along the ring's rays of symmetry only."""
+    """AMED's step (Zhou et al., CVPR 2024) for a trained flow-matching model, the solver's answer to
+    a shortcut: an Euler step to u = t + r d, then the whole step with the velocity there,
+    x <- x + c d v(x_u, u), 2 evaluations per step. A tiny network predicts the time r in (0, 1)
+    and the scale c of each step from t, d and the RMS of x_t and of v(x_t, t); published AMED
+    reads the network's bottleneck features instead. It starts as the midpoint rule (r = 1/2,
+    c = 1), and `fit` trains it to land where 128 Euler steps of the flow land; the flow is only
+    read. Sample with sample(flow, x0, N, rule=amed.step)."""
 
     def __init__(self, width=32):
         super().__init__()
@@ -235,8 +222,8 @@ class AMED(torch.nn.Module):
         return x + bcast(c * d, x) * guided(flow, x + bcast(r * d, x) * v, t + r * d, torch.zeros_like(t), y, w)
 
     def fit(self, flow, x0, y=None, counts=(1, 2, 4), iters=400, batch=512, lr=1e-2):
-        """Trains the predictor on noise x0 (n, ...): every step of N = 1, 2 and 4 steps, from the
-        flow's fine solution at t to the fine solution at t + d. Returns the last loss."""
+        """Trains the predictor on noise x0 (n, ...) over every step of N = 1, 2 and 4 steps, from the
+        fine solution at t to the fine solution at t + d. Returns the last loss."""
         starts = sorted({i for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N)})
         ones = torch.ones(len(x0), device=x0.device)
         with torch.no_grad():
@@ -249,9 +236,8 @@ class AMED(torch.nn.Module):
             loss = sum((self.step(flow, path[i][rows], one * i / MAX_STEPS, one / N, yb, v=v[i][rows])
                         - path[i + MAX_STEPS // N][rows]).pow(2).mean() / N
                        for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N))
-            grads = torch.autograd.grad(loss, list(self.net.parameters()))    # the flow's own .grad stays untouched
-            for p, g in zip(self.net.parameters(), grads):
-                p.grad = g
+            opt.zero_grad()
+            loss.backward(inputs=list(self.net.parameters()))       # the flow's own .grad stays untouched
             opt.step()
         return float(loss.detach())
 
@@ -281,7 +267,9 @@ class Objective:
     told: str                  # the d the network is told: "0", "step" or "1 - t"
     two_phase: bool = False    # needs a trained flow-matching teacher
     loss_power: float = 0.0    # the robust loss its authors train with (shortcut.regress); 0 is the MSE
+    per_part: bool = True      # and how it weighs the rows (shortcut.regress)
     t_scale: float = 1000.0    # t's scale before its embedding, chosen by measurement (docs/RESULTS.md)
+    d_embed: str = "level"     # how d is told (shortcut.Conditioning)
 
 
 def sampler(rule, off_grid=True):
@@ -299,13 +287,14 @@ OBJECTIVES = {
     "progressive-distillation": Objective(progressive_distillation, sampler(jump, off_grid=False), "step",
                                           two_phase=True),
     "reflow": Objective(reflow, sampler(velocity), "0", two_phase=True),
-    "meanflow": Objective(meanflow, sampler(jump, off_grid=False), "step", loss_power=1.0, t_scale=1.0),
+    "meanflow": Objective(meanflow, sampler(jump, off_grid=False), "step", loss_power=0.75, per_part=False,
+                          t_scale=1.0, d_embed="gap"),
 }
 
 
 def defaults(name, **settings):
-    """A run's settings with the objective's own loss power and t scale where they are None."""
-    own = {k: getattr(OBJECTIVES[name], k) for k in ("loss_power", "t_scale")}
+    """A run's settings with the objective's own loss power, t scale and d embedding where they are None."""
+    own = {k: getattr(OBJECTIVES[name], k) for k in ("loss_power", "t_scale", "d_embed")}
     return {**settings, **{k: v for k, v in own.items() if settings.get(k) is None}}
 
 

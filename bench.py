@@ -43,7 +43,6 @@ def benchmark(run, args, cfg, device):
     shape = (4 * run.batch_size, info.channels, info.size, info.size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
     labels = torch.randint(info.classes, shape[:1], device=device, generator=g) if info.classes else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     gpu = torch.cuda.get_device_name(device) if cuda else device.type
     peak = next((p for key, p in PEAK_BF16 if key in gpu), None)
     warmup, times = args.bench_warmup + (10 if args.compile else 0), {}
@@ -61,7 +60,7 @@ def benchmark(run, args, cfg, device):
 
         def step(net):        # the training loop of train_images.py, without its bookkeeping
             x1, y = get_batch(data, labels, run.batch_size, info.flip)
-            with autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 loss, _ = regress(net, make_targets(name, net, x1, y, teacher=teacher, progress=0.5, **options))
             opt.zero_grad(set_to_none=True)
             loss.backward()

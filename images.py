@@ -1,5 +1,4 @@
 """Image data and measures for train_images.py: digits (offline), CIFAR-10 and CelebA; FID when it is installed."""
-import argparse
 import collections
 import functools
 import hashlib
@@ -11,7 +10,6 @@ import pickle
 import tarfile
 import time
 import urllib.request
-import zlib
 
 import numpy as np
 import torch
@@ -26,22 +24,16 @@ CIFAR_BATCH_MD5 = dict(zip([f"data_batch_{i}" for i in range(1, 6)], "c99cafc152
                            "d4bba439e000b95fd0a9bffe97cbabec 54ebc095f3ab1f0389bbae665268c751 "
                            "634d18415352ddfa80567beed471001a 482c414d41f54cd18b22e5b47cb7c3cb".split()))
 Data = collections.namedtuple("Data", "size channels classes flip")   # size x size images; classes 0: unconditional
-NO_FID = "install pytorch-fid (pip install pytorch-fid) or torchmetrics[image] for FID"
 DATA = {"digits": Data(8, 1, 10, False), "cifar10": Data(32, 3, 10, True), "celeba": Data(64, 3, 0, True)}
-
-
-def eval_steps(text):
-    try:
-        return [len(step_sizes(int(s))) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated powers of two from 1 to 128, got {text!r}") from None
 
 
 def add_flags(a):
     """train_images.py's flags for sampling and measuring, given its parser's add_argument."""
     a("--data-dir", default="data", help="where the data and the cached statistics live (default: data)")
     a("--download", action="store_true", help="fetch CIFAR-10 into --data-dir, checking its md5")
-    a("--eval-steps", type=eval_steps, default=[1, 2, 4, 8, 128], help="sampling step counts (default: 1,2,4,8,128)")
+    a("--eval-steps", type=checked(lambda text: [len(step_sizes(int(s))) for s in text.split(",")], bool,
+                                   "comma-separated powers of two from 1 to 128"),   # step_sizes refuses the others
+      default=[1, 2, 4, 8, 128], help="sampling step counts (default: 1,2,4,8,128)")
     a("--n-samples", type=checked(int, lambda v: 2 <= v <= 10 ** 6, "from 2 to 10^6"),
       help="samples per step count (default: 1000 for digits, 10000 otherwise)")
     a("--eval-batch-size", type=as_count, default=1000, help="batch size when sampling (default: 1000)")
@@ -65,7 +57,14 @@ def load_cifar10(data_dir, download=False):
                f"cannot read the directory {data_dir!r} (permission denied)")
         refuse(not download, f"no CIFAR-10 in {data_dir!r}: put cifar-10-python.tar.gz there (from {CIFAR_URL}) or "
                "pass --download")
-        fetch(CIFAR_URL, archive, CIFAR_MD5)
+        os.makedirs(data_dir or ".", exist_ok=True)
+        print(f"downloading {CIFAR_URL} ...", flush=True)
+        try:
+            urllib.request.urlretrieve(CIFAR_URL, archive + ".part")
+        except OSError as e:
+            raise UserError(f"could not download {CIFAR_URL} ({e}); fetch it by hand into {data_dir!r}") from None
+        check_md5(archive + ".part", CIFAR_MD5)
+        os.replace(archive + ".part", archive)
     where = folder if os.path.isdir(folder) else archive
     try:
         if where == folder:
@@ -76,11 +75,8 @@ def load_cifar10(data_dir, download=False):
             with tarfile.open(archive, "r:gz") as tar:
                 xs, ys = zip(*(cifar_batch(tar.extractfile(f"cifar-10-batches-py/{n}").read(), n, f"{archive}:{n}")
                                for n in CIFAR_BATCH_MD5))
-    except OSError as e:
+    except OSError as e:          # the archive matched its md5, so only reading can fail
         raise UserError(f"cannot read {e.filename or where!r} ({e.strerror or e})") from None
-    except (EOFError, KeyError, AttributeError, tarfile.TarError, zlib.error) as e:
-        raise UserError(f"{where!r} is not a complete CIFAR-10 archive ({type(e).__name__}: {e}); "
-                        "fetch it again (--download into an empty --data-dir)") from None
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
@@ -93,9 +89,7 @@ def read_file(path, limit=1 << 26):
 
 def cifar_batch(raw, name, where):
     """Batch file `name` as uint8 data (n, 3072) and int64 labels in 0..9, unpickled only once it matches its md5."""
-    md5 = hashlib.md5(raw).hexdigest()
-    refuse(md5 != CIFAR_BATCH_MD5[name], f"{where!r} has md5 {md5}, not the published {CIFAR_BATCH_MD5[name]}: it is "
-           "corrupt or altered, and was not unpickled; fetch CIFAR-10 again (--download into an empty --data-dir)")
+    check_md5(where, CIFAR_BATCH_MD5[name], raw)
     try:
         batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
         x, y = batch[b"data"], np.asarray(batch[b"labels"])
@@ -119,24 +113,11 @@ class CifarUnpickler(pickle.Unpickler):
                                      "lists, strings and numbers")
 
 
-def fetch(url, path, md5):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    print(f"downloading {url} ...", flush=True)
-    try:
-        urllib.request.urlretrieve(url, path + ".part")
-    except OSError as e:
-        raise UserError(f"could not download {url} ({e}); fetch it by hand into {os.path.dirname(path)!r}") from None
-    check_md5(path + ".part", md5)
-    os.replace(path + ".part", path)
-
-
-def check_md5(path, md5):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    refuse(h.hexdigest() != md5, f"{path!r} has md5 {h.hexdigest()}, not the published {md5}: it is corrupt, truncated "
-           "or altered, and nothing in it was unpickled; fetch it again (--download into an empty --data-dir)")
+def check_md5(path, md5, raw=None):
+    """Refuses the bytes `raw`, else the file at `path`, unless their md5 is the published one."""
+    digest = hashlib.md5(pathlib.Path(path).read_bytes() if raw is None else raw).hexdigest()
+    refuse(digest != md5, f"{path!r} has md5 {digest}, not the published {md5}: it is corrupt, truncated or altered, "
+           "and nothing in it was unpickled; fetch CIFAR-10 again (--download into an empty --data-dir)")
 
 
 def load_celeba(data_dir, size=64):
@@ -145,7 +126,7 @@ def load_celeba(data_dir, size=64):
     if os.path.isfile(cache):
         try:
             x = np.load(cache, allow_pickle=False)
-            if x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, size, size) and len(x):
+            if x.dtype == np.uint8 and x.shape[1:] == (3, size, size) and len(x):
                 return x, None
             problem = f"holds {x.dtype} of shape {x.shape}, not uint8 (n, 3, {size}, {size})"
         except (OSError, ValueError, EOFError) as e:
@@ -205,16 +186,15 @@ def frechet(mu_a, cov_a, mu_b, cov_b):
 
 class DigitsJudge:
     """A small MLP classifier of the real digits, whose hidden layer gives features; refit when `cache` is unusable."""
-    SHAPES = {"w0": (64, 128), "b0": (128,), "w1": (128, 10), "b1": (10,)}
 
     def __init__(self, cache):
-        self.w = load_arrays(cache, self.SHAPES, "the cached digit classifier")
-        if self.w is None:
+        def fit():
             from sklearn.neural_network import MLPClassifier
             x, y = load_digits()
             clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0).fit(x.reshape(-1, 64) / 255, y)
-            self.w = [clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1]]
-            save_cache(cache, lambda f: np.savez(f, **dict(zip(self.SHAPES, self.w))))
+            return [clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1]]
+        shapes = {"w0": (64, 128), "b0": (128,), "w1": (128, 10), "b1": (10,)}
+        self.w = cached(cache, shapes, "the cached digit classifier", fit)
 
     def features(self, x01):
         return np.maximum(x01.reshape(len(x01), -1) @ self.w[0] + self.w[1], 0)
@@ -244,29 +224,30 @@ def inception_features(x01, device, batch_size=200):
                       for i in range(0, len(x01), batch_size)]).double().numpy()
 
 
-def reference_stats(dataset, data_dir, data, device):
-    cache = os.path.join(data_dir, f"{dataset}_fid_stats.npz")
-    stats = load_arrays(cache, {"mu": (2048,), "cov": (2048, 2048)}, "the cached FID statistics")
-    if stats is None:
-        n = min(len(data), 50_000)
+def reference_stats(dataset, data_dir, data):
+    cache, n = os.path.join(data_dir, f"{dataset}_fid_stats.npz"), min(len(data), 50_000)
+
+    def compute():
         print(f"computing FID reference statistics from {n} training images (cached in {cache}) ...", flush=True)
-        stats = moments(inception_features(data[:n].float() / 255, device))
-        save_cache(cache, lambda f: np.savez(f, mu=stats[0], cov=stats[1]))
-    return stats
+        return moments(inception_features(data[:n].float() / 255, data.device))
+    return cached(cache, {"mu": (2048,), "cov": (2048, 2048)}, "the cached FID statistics", compute)
 
 
-def load_arrays(path, shapes, what):
-    """The arrays named in `shapes` from an .npz cache, or None when it is missing or unusable."""
+def cached(path, shapes, what, compute):
+    """The arrays named in `shapes` from the .npz cache at `path`, else compute()'s, which are then cached there."""
     if os.path.isfile(path):
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = [z[k] for k in shapes]
             if [a.shape for a in arrays] == list(shapes.values()) and all(np.isfinite(a).all() for a in arrays):
                 return arrays
-            problem = "has the wrong shapes"
+            problem = "has the wrong shapes or non-finite values"
         except Exception as e:         # a truncated or foreign file: zipfile, pickle and key errors alike
             problem = f"is unreadable ({type(e).__name__})"
         print(f"{what} {path} {problem}: computing it afresh", flush=True)
+    arrays = compute()
+    save_cache(path, lambda f: np.savez(f, **dict(zip(shapes, arrays))))
+    return arrays
 
 
 def save_cache(path, write):
@@ -278,31 +259,29 @@ def save_cache(path, write):
         print(f"could not write the cache {path} ({e.strerror or e}); continuing without it", flush=True)
 
 
-def save_grid(path, x01, nrow, col_labels=None):
-    from PIL import Image, ImageDraw, ImageOps
+def save_grid(path, x01, nrow, col_labels=()):
+    """Images in [0, 1] as a PNG of `nrow` rows, filled column by column and enlarged to about 512 pixels."""
+    from PIL import Image, ImageDraw
     n, C, H, W = x01.shape
     cells = np.ones((nrow * -(-n // nrow), H + 1, W + 1, C), np.float32)    # a white line above and left of each image
     cells[:n, 1:, 1:] = x01.transpose(0, 2, 3, 1)
-    grid = cells.reshape(nrow, -1, H + 1, W + 1, C).swapaxes(1, 2).reshape(nrow * (H + 1), -1, C)
-    img = (np.pad(grid, ((0, 1), (0, 1), (0, 0)), constant_values=1) * 255).round().astype(np.uint8)
-    img = Image.fromarray(img[..., 0] if C == 1 else img).convert("RGB")
-    scale = max(1, 512 // max(img.height, img.width))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    if col_labels:
-        img = ImageOps.expand(img, (0, 16, 0, 0), fill="white")
-        draw = ImageDraw.Draw(img)
-        for c, label in enumerate(col_labels):
-            draw.text((scale * (c * (W + 1) + 1 + W // 2) - 3 * len(str(label)), 2), str(label), fill="black")
+    grid = cells.reshape(-1, nrow, H + 1, W + 1, C).transpose(1, 2, 0, 3, 4).reshape(nrow * (H + 1), -1, C)
+    grid = (np.pad(grid, ((0, 1), (0, 1), (0, 0)), constant_values=1) * 255).round().astype(np.uint8)
+    scale = max(1, 512 // max(grid.shape[:2]))
+    grid = grid.repeat(scale, 0).repeat(scale, 1).repeat(3 // C, 2)
+    img = Image.fromarray(np.pad(grid, ((16 if col_labels else 0, 0), (0, 0), (0, 0)), constant_values=255))
+    for c, label in enumerate(col_labels):
+        ImageDraw.Draw(img).text((scale * (c * (W + 1) + 1 + W // 2) - 3 * len(label), 2), label, fill="black")
     write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def evaluate(model, run, args, data):
-    """Samples from one noise by the objective's sampler, and Euler with d = 0 (shortcut) or AMED (flow); writes grids
-    and samples.npz. Returns the measures (digits; FID, which may need a download, is fid_scores) and the samples."""
+    """Samples one noise by the objective's sampler, and by Euler with d = 0 (shortcut) or AMED (flow); writes grids
+    and samples.npz. Returns the digits' measures (FID, which may need a download, is fid_scores's) and the samples."""
     info, device, name, n = DATA[run.dataset], data.device, run.objective, args.n_samples
     shape, cuda = (info.channels, info.size, info.size), [device] if device.type == "cuda" else []
-    noise = lambda k, s: torch.randn(k, *shape, generator=torch.Generator().manual_seed(s)).to(device)  # noqa: E731
-    x0, y = noise(n, run.seed + 1), (torch.arange(n) % info.classes).to(device) if info.classes else None
+    x0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(run.seed + 1)).to(device)
+    y = (torch.arange(n) % info.classes).to(device) if info.classes else None
     settings = [(f"{name}_{N}", OBJECTIVES[name].sample, N) for N in args.eval_steps]
     if name == "shortcut":
         settings += [(f"velocity_{N}", OBJECTIVES["flow"].sample, N) for N in args.eval_steps if N < 128]
@@ -311,7 +290,8 @@ def evaluate(model, run, args, data):
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(run.seed + 3)
             amed = AMED().to(device)
-            amed.fit(model, noise(k, run.seed + 3), None if y is None else y[:k], iters=args.amed_iters)
+            x0_fit = torch.randn(k, *shape, generator=torch.Generator().manual_seed(run.seed + 3)).to(device)
+            amed.fit(model, x0_fit, None if y is None else y[:k], iters=args.amed_iters)
         print(f"fitted AMED's step predictor in {time.time() - t0:.1f}s", flush=True)
         settings += [(f"amed_{2 * N}", functools.partial(sample, rule=amed.step, off_grid=True), N) for N in (1, 2, 4)]
     samples, t0 = {}, time.time()
@@ -321,24 +301,24 @@ def evaluate(model, run, args, data):
             samples[key] = generate(sampler, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
     print(f"sampled {n} images for each of {len(settings)} settings in {time.time() - t0:.1f}s"
           + (" (velocity_128 is shortcut_128: d = 0 is the finest level)" if name == "shortcut" else ""), flush=True)
-    keep, rows = min(n, 1000), min(info.classes or 8, n)
-    arrays = {k: v[:keep].numpy() for k, v in samples.items()}
-    labels = y[:keep].cpu().numpy() if info.classes else np.zeros(0, np.int64)
-    write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez_compressed(f, labels=labels, **arrays))
-    order = torch.arange(rows * max(1, min(10, n // rows))).view(-1, rows).T.flatten()   # a class per row
+    labels = y[:1000].cpu().numpy() if info.classes else np.zeros(0, np.int64)
+    write_atomic(os.path.join(args.out, "samples.npz"),      # the first 1000 of each setting
+                 lambda f: np.savez_compressed(f, labels=labels, **{k: v[:1000].numpy() for k, v in samples.items()}))
+    rows = min(info.classes or 8, n)         # a class per row, as the labels cycle
     for N in args.eval_steps:
-        save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"{name}_{N}"][order].numpy(), nrow=rows)
-    cols = torch.stack([samples[f"{name}_{N}"][:rows] for N in args.eval_steps], 1).flatten(0, 1).numpy()
+        save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"{name}_{N}"][:rows * min(10, n // rows)].numpy(),
+                  nrow=rows)
+    cols = torch.cat([samples[f"{name}_{N}"][:rows] for N in args.eval_steps]).numpy()
     save_grid(os.path.join(args.out, "steps.png"), cols, nrow=rows, col_labels=[f"N={N}" for N in args.eval_steps])
     metrics = {"n_samples": n, "cfg_scale": args.cfg_scale}
     if run.dataset == "digits":
         judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz"))
         real = np.random.default_rng(0).permutation(load_digits()[0]).astype(np.float64) / 255
-        held, f_ref = real[len(real) // 2:], moments(judge.features(real[:len(real) // 2]))
+        held, ref = real[len(real) // 2:], moments(judge.features(real[:len(real) // 2]))
         metrics.update(metric="Frechet distance in digit-classifier features",   # sample sizes match real vs real
-                       real_vs_real=frechet(*moments(judge.features(held)), *f_ref))
+                       real_vs_real=frechet(*moments(judge.features(held)), *ref))
         for k, v in samples.items():
-            metrics[k] = {"fd": frechet(*moments(judge.features(v[:len(held)].double().numpy())), *f_ref),
+            metrics[k] = {"fd": frechet(*moments(judge.features(v[:len(held)].double().numpy())), *ref),
                           "accuracy": float((judge.predict(v.double().numpy()) == y.cpu().numpy()).mean())}
         print_table(metrics)
     return metrics, samples
@@ -346,10 +326,10 @@ def evaluate(model, run, args, data):
 
 def fid_scores(samples, run, args, data):
     if fid_backend() is None:
-        print(f"FID skipped: {NO_FID}", flush=True)
+        print("FID skipped: install pytorch-fid (pip install pytorch-fid) or torchmetrics[image] for FID", flush=True)
         return {}
     try:
-        mu, cov = reference_stats(run.dataset, args.data_dir, data, data.device)
+        mu, cov = reference_stats(run.dataset, args.data_dir, data)
     except (OSError, RuntimeError) as e:          # urllib's URLError is an OSError
         raise UserError(f"cannot load the Inception weights ({first_line(e)}): put the file it names in "
                         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --no-fid; every other "
@@ -363,9 +343,8 @@ def fid_scores(samples, run, args, data):
 
 
 def print_table(metrics):
+    """The rows of `metrics` that are dicts, under its "metric" (and its real_vs_real)."""
     keys = [k for k, v in metrics.items() if isinstance(v, dict)]
-    if not keys:
-        return
     cols, ref = list(metrics[keys[0]]), metrics.get("real_vs_real")
     print(f"\n{metrics['metric']}" + (f" (real vs real: {ref:.3f})" if ref is not None else ""))
     print(f"  {'sampler':28s}" + "".join(f"{c:>10s}" for c in cols))

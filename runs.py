@@ -1,5 +1,5 @@
-"""What the two training scripts share: run records and their flags, checkpoints and teachers,
-the lock on an output folder, signals, atomic writes and one-line errors."""
+"""What the two training scripts share: run records and their flags, checkpoints, the lock on
+an output folder, signals, atomic writes and one-line errors."""
 import argparse
 import contextlib
 import dataclasses
@@ -36,7 +36,6 @@ class Interrupted(Exception):
 
 
 def refuse(condition, message):
-    """A check of the user's input: UserError(message) if `condition` holds."""
     if condition:
         raise UserError(message)
 
@@ -88,10 +87,9 @@ def agreed_stop(requests, world, device):
     at the same step. One process's request is enough (torchrun forwards a signal to each)."""
     if world == 1:
         return requests[0] if requests else None
-    names = ["SIGINT", "SIGTERM"]
-    flag = torch.tensor([names.index(requests[0]) + 1 if requests else 0], device=device)
-    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-    return names[int(flag) - 1] if int(flag) else None
+    number = torch.tensor([signal.Signals[requests[0]] if requests else 0], device=device)
+    torch.distributed.all_reduce(number, torch.distributed.ReduceOp.MAX)     # SIGTERM (15) wins over SIGINT (2)
+    return signal.Signals(int(number)).name if int(number) else None
 
 
 ########################### Flags and the run record ###########################
@@ -112,23 +110,19 @@ def add_settings(parser, record, default=None):
     flag that is not given leaves no attribute, so that the caller can tell it was not given."""
     for f in dataclasses.fields(record):
         if "help" in f.metadata:
-            options = dict(f.metadata)
+            options = {"action": "store_true"} if f.type is bool else {}
+            options.update(f.metadata)                  # which may name a flag and an action of its own
             name = options.pop("flag", "--" + f.name.replace("_", "-"))
-            if f.type is bool and "action" not in options:
-                options["action"] = "store_true"
             parser.add_argument(name, dest=f.name, default=f.default if default is None else default, **options)
 
 
 def checked(kind, ok, need):
     """An argparse type: kind(text), which must satisfy ok, or argparse's error 'must be NEED'."""
     def parse(text):
-        try:
-            value = kind(text)
-        except (ValueError, OverflowError):
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError, OverflowError):
+            if ok(value := kind(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
     return parse
 
 
@@ -141,9 +135,8 @@ as_t_scale = checked(float, lambda v: 0 < v <= 1e4, "in (0, 10^4]")
 
 
 class Record:
-    """A run record: a frozen dataclass of settings made by `setting`, and `teacher`, the record
-    of a two-phase run's teacher. Saved with every model, so that resuming, sampling and
-    teaching follow what was trained."""
+    """A frozen dataclass of settings made by `setting`, and `teacher`, a two-phase run's teacher's
+    record. Saved with every model, so that resuming, sampling and teaching follow what was trained."""
 
     @classmethod
     def load(cls, saved):
@@ -168,7 +161,7 @@ def valid(field, value):
         return False
 
 
-######################### Checkpoints, teachers, files #########################
+######################### Checkpoints, the lock, files #########################
 
 def tensors(state, prefix=""):
     """(name, tensor) for every floating-point tensor nested in dicts and lists."""
@@ -183,8 +176,7 @@ def tensors(state, prefix=""):
 def load_checkpoint(path, record, flag, script):
     """A checkpoint's state with its record as `record`; UserError unless it is a whole checkpoint
     of `script` whose record holds and whose weights and optimiser moments are finite."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path!r}; check the {flag} path")
+    refuse(not os.path.isfile(path), f"no checkpoint at {path!r}; check the {flag} path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state["run"] = record.load(state["run"])
@@ -192,21 +184,9 @@ def load_checkpoint(path, record, flag, script):
         raise UserError(f"{path!r} is corrupt or not a checkpoint of {script} ({type(e).__name__}: "
                         f"{first_line(e)}); use another one or start afresh") from None
     bad = next((name for name, v in tensors(state) if not v.isfinite().all()), None)
-    if bad:
-        raise UserError(f"{path!r} holds non-finite values ({bad}): a diverged run cannot be resumed, sampled or "
-                        "taught from; use an earlier checkpoint")
+    refuse(bad, f"{path!r} holds non-finite values ({bad}): a diverged run cannot be resumed, sampled or taught "
+           "from; use an earlier checkpoint")
     return state
-
-
-def check_teacher(path, teacher, run, same, finished=True):
-    """A teacher must be a finished flow-matching run whose record equals the student's in `same`,
-    all that the student inherits from it."""
-    differ = [f"{k} {getattr(teacher, k)} (not {getattr(run, k)})" for k in same
-              if getattr(teacher, k) != getattr(run, k)]
-    if teacher.objective != "flow" or differ or not finished:
-        raise UserError(f"--teacher {path} must be a finished flow-matching run with the student's "
-                        f"{', '.join(same)}; its record says {teacher.objective}"
-                        + "".join(f", {d}" for d in differ) + ("" if finished else ", unfinished"))
 
 
 def check_outputs(folder, name, record):
@@ -226,10 +206,8 @@ def check_outputs(folder, name, record):
 def alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
+    except OSError as e:
+        return e.errno != errno.ESRCH       # EPERM: another user's process
     return True
 
 
@@ -244,8 +222,7 @@ def claim(folder):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UserError(f"{path!r} is a symbolic link: a lock file is never followed; remove it") from None
+        refuse(e.errno == errno.ELOOP, f"{path!r} is a symbolic link: a lock file is never followed; remove it")
         raise
     with os.fdopen(fd, "r+") as f:
         if fcntl is not None:
@@ -259,8 +236,7 @@ def claim(folder):
             if pid.isdigit() and not alive(int(pid)):
                 os.remove(tmp)
         f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        print(os.getpid(), file=f, flush=True)
         yield
 
 
@@ -287,34 +263,3 @@ def write_atomic(path, write):
         if isinstance(e, OSError) and not e.filename:
             raise OSError(e.errno, e.strerror, path) from None
         raise
-
-
-def setup_distributed(device):
-    """Under torchrun: one process per GPU (NCCL) or per CPU worker (gloo). Returns rank, world, device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world, device
-
-
-def check_replicas(model):
-    """All processes must hold bit-identical weights: their elementwise max equals their min."""
-    hi = torch.cat([p.detach().flatten() for p in model.parameters()])
-    lo = -hi
-    for bound in (hi, lo):
-        torch.distributed.all_reduce(bound, torch.distributed.ReduceOp.MAX)
-    if not torch.equal(hi, -lo):
-        raise RuntimeError("the DDP replicas drifted apart")
-
-
-def pick_device(name="auto"):
-    """'auto' -> cuda, then mps, then cpu; anything else is checked (UserError) and returned."""
-    usable = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name != "auto" and not usable.get(name):
-        raise UserError(f"--device {name} was asked for but this torch cannot use it here" if name in usable
-                        else f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name if name != "auto" else next(kind for kind, ok in usable.items() if ok))

@@ -26,9 +26,8 @@ flow matching is what ties the chain of levels to the data.
 Sampling. N = 2^k Euler steps of size d = 1/N, each told its d: x <- x + d s(x, t, d).
 
 Conventions: t = 0 is noise, t = 1 is data, N = 1/d; every network is called as
-model(x, t, d, y=None) with t, d, y of shape (B,). The file follows that order: the path and
-the queries, the targets and the loss, the sampler, the networks (the conditioning, an MLP for
-2-D data, a compact DiT), and where this code departs from the official code.
+model(x, t, d, y=None) with t, d, y of shape (B,). After the method come the networks (an MLP
+for 2-D data, a compact DiT) and where this code departs from the official code.
 """
 import contextlib
 import math
@@ -147,14 +146,14 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
     return Targets(x_t, t, d, y, target, n_sc)
 
 
-def regress(model, targets, loss_power=0.0):
+def regress(model, targets, loss_power=0.0, per_part=True):
     """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the
     bootstrap rows ("sc") and of the rest ("fm"), nan if none. Every objective trains through it.
-    loss_power = 0 is the MSE over every element, so the parts weigh by their batch share (as the
-    official loss). p > 0 is robust, with MeanFlow's adaptive weight: each row's summed error e is
-    divided by sg(e + 1e-3)^p (p = 1/2 is close to improved consistency training's pseudo-Huber),
-    the weights normalised within each part: over the whole batch the bootstrap rows, whose errors
-    are the smallest, would take all the weight and fall to a trivial map such as s = 0."""
+    loss_power = 0: the MSE over every element, so the parts weigh by their batch share (official).
+    p > 0: MeanFlow's adaptive weight, each row's summed squared error e divided by sg(e + 1e-3)^p,
+    then the plain mean (per_part=False, MeanFlow's authors) or, per_part=True, the weights
+    renormalised within each part: over the whole batch the bootstrap rows, whose errors are the
+    smallest, would take all the weight and fall to a trivial map such as s = 0."""
     if not 0 <= loss_power < math.inf:
         raise ValueError(f"loss_power must be 0 (the MSE) or more, got {loss_power}")
     tg, n = targets, targets.n_boot
@@ -162,7 +161,10 @@ def regress(model, targets, loss_power=0.0):
     parts = {"sc": err[:n].detach().mean(), "fm": err[n:].detach().mean()}
     if not loss_power:
         return err.mean(), parts
-    w = (err.detach() * tg.target[0].numel() + 1e-3) ** -loss_power
+    e = err * tg.target[0].numel()
+    w = (e.detach() + 1e-3) ** -loss_power
+    if not per_part:
+        return (w * e).mean(), parts
     rows = [r for r in (slice(0, n), slice(n, None)) if len(err[r])]
     return sum(w[r] @ err[r] / w[r].sum() * len(err[r]) for r in rows) / len(err), parts
 
@@ -196,11 +198,11 @@ def velocity(model, x, t, d, y=None, w=1.0):
 
 @torch.no_grad()
 def sample(model, x0, steps, y=None, cfg_scale=1.0, *, rule=jump, off_grid=False, trajectory=False):
-    """Integrates from noise x0 at t = 0 to t = 1 by x <- rule(model, x, t, d, y, cfg_scale): x1, and
-    with trajectory=True the (N+1, *x0.shape) stack of the points visited. steps: N = 2^k steps of
-    d = 1/N, or a list of sizes such as [1/2, 1/4, 1/4] (step_sizes). rule: `jump` (default) or
-    `velocity`; baselines.py adds the consistency models' and AMED's. off_grid: any split, for a
-    velocity or a model trained with continuous d (exercise 6). cfg_scale: w of guided()."""
+    """x1 from noise x0 by x <- rule(model, x, t, d, y, cfg_scale) from t = 0 to 1, and with
+    trajectory=True the (N+1, *x0.shape) stack of the points visited. steps: N = 2^k steps of d =
+    1/N, or sizes such as [1/2, 1/4, 1/4] (step_sizes); off_grid allows any split, for a velocity
+    or a model trained with continuous d (exercise 6). rule: `jump` (default) or `velocity`;
+    baselines.py adds the consistency models' and AMED's. cfg_scale: w of guided()."""
     if not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     x, t, path = x0, 0.0, [x0]
@@ -213,23 +215,20 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, rule=jump, off_grid=False
 
 
 def step_sizes(steps, off_grid=False):
-    """The step sizes of `steps` (a count or a list). On the training grid every d is a power of
-    two in [1/128, 1] and starts at a multiple of itself: [1/2, 1/4, 1/4], not [1/4, 1/2, 1/4];
-    off_grid allows any count and any positive sizes that sum to 1. ValueError otherwise."""
-    if not isinstance(steps, (list, tuple)):
-        ok = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 1
-        if not (ok and (off_grid or steps <= MAX_STEPS and steps & (steps - 1) == 0)):
-            raise ValueError(f"steps must be a power of two from 1 to {MAX_STEPS} (any count with off_grid=True), "
-                             f"got {steps!r}")
-        return [1.0 / steps] * int(steps)
-    sizes = [float(s) for s in steps]
+    """The step sizes of `steps`, a count N (N steps of 1/N) or a list. On the training grid every d
+    is a power of two in [1/128, 1] and starts at a multiple of itself: [1/2, 1/4, 1/4], not
+    [1/4, 1/2, 1/4]; off_grid allows any positive sizes that sum to 1. ValueError otherwise."""
+    count = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
+    sizes = [1.0 / steps] * int(steps) if count and steps >= 1 else \
+        [float(s) for s in steps] if isinstance(steps, (list, tuple)) else []
     starts = np.cumsum([0.0] + sizes)[:-1]
     on_grid = all(2.0 ** round(math.log2(d)) == d >= 1 / MAX_STEPS and (t / d).is_integer()
                   for d, t in zip(sizes, starts) if d > 0)
     if not (sizes and all(d > 0 for d in sizes) and abs(sum(sizes) - 1) < 1e-9 and (off_grid or on_grid)):
-        raise ValueError(f"{steps} is off the training grid: step sizes must be positive, sum to 1 and each be a "
-                         f"power of two from 1/{MAX_STEPS} that starts at a multiple of itself, such as [0.5, 0.25, "
-                         f"0.25] (off_grid=True allows any positive split)")
+        raise ValueError(f"steps={steps!r} is off the training grid: a count must be a power of two from 1 to "
+                         f"{MAX_STEPS}, and a list's sizes positive, summing to 1, each a power of two from "
+                         f"1/{MAX_STEPS} that starts at a multiple of itself, such as [0.5, 0.25, 0.25] "
+                         "(off_grid=True allows any positive split)")
     return sizes
 
 
@@ -243,8 +242,7 @@ def step_level(d):
 
 
 class SinusoidalEmbedder(nn.Module):
-    """A scalar -> sin/cos features at periods up to 10^4 -> DiT's 2-layer MLP, or with mlp=False
-    one linear layer, enough for the 2-D toys at a third of the cost."""
+    """A scalar -> sin/cos features at periods up to 10^4 -> DiT's 2-layer MLP (mlp=False: one linear layer)."""
 
     def __init__(self, width, scale=1.0, freq_dim=256, mlp=True):
         super().__init__()
@@ -262,12 +260,13 @@ class SinusoidalEmbedder(nn.Module):
 class Conditioning(nn.Module):
     """c = t_emb(t) + d_emb(log2 1/d) + y_emb(y), y = num_classes the null class; t_scale multiplies t.
     d_embed="end" (exercise 14) embeds the jump's end time t + d at t's scale instead of its level:
-    the same query in the coordinates of Consistency Trajectory Models."""
+    the same query in the coordinates of Consistency Trajectory Models. d_embed="gap" embeds d at
+    t's scale, as MeanFlow's authors embed t - r: continuous, so its target's d-derivative exists."""
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
-        if d_embed not in ("level", "end"):
-            raise ValueError(f"d_embed must be 'level' or 'end', got {d_embed!r}")
+        if d_embed not in ("level", "end", "gap"):
+            raise ValueError(f"d_embed must be 'level', 'end' or 'gap', got {d_embed!r}")
         self.num_classes, self.d_embed = num_classes, d_embed
         self.t_emb = SinusoidalEmbedder(width, scale=t_scale, freq_dim=freq_dim, mlp=mlp)
         self.d_emb = SinusoidalEmbedder(width, scale=1.0 if d_embed == "level" else t_scale, freq_dim=freq_dim,
@@ -275,8 +274,8 @@ class Conditioning(nn.Module):
         self.y_emb = nn.Embedding(num_classes + 1, width) if num_classes else None
 
     def forward(self, t, d, y=None):
-        level = step_level(d)
-        c = self.t_emb(t) + self.d_emb(level if self.d_embed == "level" else t + 2.0 ** -level)
+        s = d if self.d_embed == "gap" else step_level(d)
+        c = self.t_emb(t) + self.d_emb(t + 2.0 ** -s if self.d_embed == "end" else s)
         if self.y_emb is None:
             if y is not None:
                 raise ValueError("this model has no classes (num_classes=0) but got labels y")
@@ -320,6 +319,7 @@ class DiTConfig:
     mlp_ratio: int = 4
     num_classes: int = 0           # 0: unconditional
     t_scale: float = 1000.0        # t is multiplied by this before its embedding
+    d_embed: str = "level"         # how d is told (Conditioning)
 
 
 # (width, depth, heads). S and B are DiT-S and DiT-B (Peebles & Xie, 2023).
@@ -327,7 +327,6 @@ DIT_SIZES = {"tiny": (32, 2, 2), "XS": (64, 3, 4), "S": (384, 12, 6), "B": (768,
 
 
 def dit_config(size, **kw):
-    """A DiTConfig of a named size ('tiny', 'XS', 'S', 'B') with other fields from kw."""
     width, depth, heads = DIT_SIZES[size]
     return DiTConfig(width=width, depth=depth, heads=heads, **kw)
 
@@ -377,7 +376,7 @@ class DiT(nn.Module):
         p, grid = cfg.patch, cfg.img_size // cfg.patch
         self.patchify = nn.Conv2d(cfg.channels, cfg.width, kernel_size=p, stride=p)
         self.register_buffer("pos", sincos_2d(cfg.width, grid)[None], persistent=False)
-        self.cond = Conditioning(cfg.width, cfg.num_classes, t_scale=cfg.t_scale)
+        self.cond = Conditioning(cfg.width, cfg.num_classes, t_scale=cfg.t_scale, d_embed=cfg.d_embed)
         self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
@@ -424,7 +423,7 @@ class DiT(nn.Module):
 # * The DiT: fixed 2-D sin-cos positions, affine-free LayerNorm, tanh-GELU, a zero final
 #   layer, and a null class (index num_classes) for classifier-free guidance.
 # * AdamW with weight decay 0.1 and an EMA of decay 0.999 (train_images.py).
-# Departs:
+# Departs, each for the reason given:
 # * Flow-matching times are t ~ U[0, 1] (the paper), not the official grid {0..127}/128, on
 #   the plain path (1 - t) x0 + t x1 rather than the official (1 - (1 - 1e-5) t) x0 + t x1.
 # * t is scaled by t_scale = 1000 before its embedding, as in DiT and ADM; the official code
@@ -437,9 +436,13 @@ class DiT(nn.Module):
 # * bootstrap_frac defaults to 1/4 (the paper) rather than the official 1/8, and the targets
 #   come from the model itself unless a teacher (an EMA copy) is passed; the official default
 #   is the EMA, which lags badly in short runs (docs/EXERCISES.md, exercise 8).
-# * Classifier-free guidance inside the bootstrap targets (official, ImageNet only) is not done.
-# * train_images.py clips the gradient norm at 1.0 (the official code does not clip), warms the
-#   learning rate up over 5,000 steps (official: none) and warms the EMA up as
-#   min(decay, (1 + step) / (10 + step)) (official: constant): both keep a fresh DiT-B stable
-#   and make a short run's EMA worth sampling. --grad-clip inf --warmup 0 turn the first two off.
+# * Classifier-free guidance inside the bootstrap targets (official, ImageNet only) is not done,
+#   and live reflow (baselines.py) makes its pairs without guidance (official: with it): the
+#   runs here sample at cfg_scale 1 unless told otherwise.
 # * Label dropout reaches the bootstrap rows too; the official code keeps their labels.
+# * train_images.py clips the gradient norm at 1.0 (official: no clipping), warms the learning
+#   rate up over 5,000 steps (official: none) and the EMA up as min(decay, (1 + step) / (10 +
+#   step)) (official: constant): all three keep a fresh DiT-B stable and a short run's EMA worth
+#   sampling. --grad-clip inf --warmup 0 turn the first two off.
+# * Progressive distillation's next-stage teacher is the student, not its EMA (official): a
+#   short run's stage (430 steps on digits) is shorter than the EMA's horizon of 1,000 steps.

@@ -10,10 +10,12 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -978,3 +980,50 @@ def test_a_cifar_batch_that_is_not_a_regular_file_is_refused(tmp_path, monkeypat
     batch.symlink_to("/dev/zero")                           # and /dev/zero would never end
     with pytest.raises(R.UserError, match="not a CIFAR-10 batch file"):
         images.load_cifar10(str(tmp_path))
+
+
+################################################################################
+#                  The documents' numbers against their results                 #
+################################################################################
+
+def table_after(path, anchor):
+    """The body rows of the first markdown table after `anchor` in the file at `path`, as lists of cells."""
+    with open(path) as f:
+        lines = f.read().split(anchor, 1)[1].split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def shows(cell, *values, percent=False):
+    """Whether a cell such as "10.0 ± 0.3%" or "0.683" shows `values`, rounded to the digits it shows."""
+    shown = re.findall(r"\d+(?:\.\d+)?", cell)
+    return len(shown) == len(values) and all(
+        s == f"{v * (100 if percent else 1):.{len(s.partition('.')[2])}f}" for s, v in zip(shown, values))
+
+
+def test_documented_numbers_match_their_results_files():
+    """The README's toy and digits tables are docs/results' files, to the digits they show: a number edited by hand,
+    or a results file written by another run, fails here."""
+    def load(name):
+        with open(os.path.join("docs", "results", name)) as f:
+            return json.load(f)
+    toy_m = load("toy/toy.json")
+    measures = {"off-mode": ("off_mode", True), "spread": ("spread", False), "SW2": ("sliced_w2", False)}
+    rows = table_after("README.md", "## The toy: Figure 1 in 2-D")
+    assert len(rows) == 6
+    for label, *cells in rows:
+        model, measure = label.split(", ")
+        key, percent = measures[measure]
+        for n, cell in zip([1, 2, 4, 8, 128], cells):
+            per_seed = [m[key][model][str(n)] for m in toy_m["per_seed"]]
+            assert shows(cell, toy_m[key][model][str(n)], np.std(per_seed, ddof=1), percent=percent), (label, n, cell)
+    digits = {"shortcut": load("digits/metrics.json"), "flow matching": load("digits-flow/metrics.json")}
+    rows = table_after("README.md", "### The digits result")
+    assert len(rows) == 4
+    for label, *cells in rows:
+        model, measure = label.split(", ")
+        metrics = digits[model]
+        for n, cell in zip([1, 2, 4, 8, 128], cells):
+            value = metrics[f"{metrics['run']['objective']}_{n}"]["fd" if measure == "FD" else "accuracy"]
+            assert shows(cell, value), (label, n, cell)

@@ -59,11 +59,11 @@ class Mixture:
 
     def velocity(self, x, t):
         t = t.double()[:, None, None]                                           # (B, 1, 1)
-        r = torch.einsum("bkd,kde->bke", x.double()[:, None] - t * self.mu, self.U)   # U^T (x - t mu_k)
+        r = ((x.double()[:, None] - t * self.mu)[..., None, :] @ self.U)[..., 0, :]  # U^T (x - t mu_k), (B, K, D)
         c = (1 - t) ** 2 + t ** 2 * self.lam                                    # eigenvalues of C_k
         logp = torch.log(self.pi) - 0.5 * (r ** 2 / c + torch.log(c)).sum(-1)
-        v_k = self.mu + torch.einsum("bke,kde->bkd", (t * self.lam - (1 - t)) / c * r, self.U)
-        return (torch.softmax(logp, 1)[..., None] * v_k).sum(1)
+        v_k = self.mu + (((t * self.lam - (1 - t)) / c * r)[..., None, :] @ self.U.mT)[..., 0, :]
+        return (torch.softmax(logp, 1)[:, None] @ v_k)[:, 0]
 
     def flow_map(self, x, t, d, h=1.0 / 1024):
         n = max(1, math.ceil(d / h - 1e-9))
@@ -100,20 +100,26 @@ def skewed():
 
 
 class MixtureShortcut(torch.nn.Module):
-    """The exact shortcut (Phi_{t->t+d}(x) - x)/d of a Mixture, the velocity at
-    d = 0. Phi is RK4 on a grid of step h: a discrete flow that still composes exactly on its grid."""
+    """The exact shortcut (Phi_{t->t+d}(x) - x)/d of a Mixture, the velocity at d = 0, where Phi is
+    the midpoint rule on a grid of step h: a discrete flow that composes exactly on its grid, and
+    whose jump at d = h still differs from the velocity."""
 
     def __init__(self, gm, h=1.0 / 128):
         super().__init__()
         self.gm, self.h = gm, h
+
+    def flow_map(self, x, t, d):
+        x, t = x.double(), t.double()
+        for _ in range(round(d / self.h)):
+            x, t = x + self.h * self.gm.velocity(x + self.h / 2 * self.gm.velocity(x, t), t + self.h / 2), t + self.h
+        return x
 
     def forward(self, x, t, d, y=None):
         out = torch.empty_like(x, dtype=torch.float64)
         for dv in torch.unique(d).tolist():
             rows = d == dv
             xr, tr = x[rows], t[rows]
-            out[rows] = self.gm.velocity(xr, tr) if dv == 0 else \
-                (self.gm.flow_map(xr, tr, dv, self.h) - xr.double()) / dv
+            out[rows] = self.gm.velocity(xr, tr) if dv == 0 else (self.flow_map(xr, tr, dv) - xr.double()) / dv
         return out.to(x.dtype)
 
 
@@ -131,9 +137,9 @@ def shortcut_loss(model, x1, y=None, loss_power=0.0, **options):
 
 
 def exact_models():
-    """The Gaussian case checks the continuous identity (a closed form); the mixture case is RK4
-    on the grid of 1/128, whose discrete flow composes exactly on that grid by construction, so
-    it checks the code's bookkeeping of t and d on a non-Gaussian field."""
+    """The Gaussian case checks the continuous identity (a closed form); the mixture case is the
+    midpoint rule on the grid of 1/128, whose discrete flow composes exactly on that grid by
+    construction, so it checks the code's bookkeeping of t and d on a non-Gaussian field."""
     return {"gaussian": GaussianShortcut(MU, SCALE), "mixture": MixtureShortcut(skewed())}
 
 
@@ -150,7 +156,7 @@ def test_mixture_flow_transports_noise_to_data():
     """Phi_{0->1} of noise lands in the ring's modes with their weights and spread."""
     gm, n = ring(), 8000
     x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x1 = gm.flow_map(x0, torch.zeros(n), 1.0, h=1 / 32)
+    x1 = gm.flow_map(x0, torch.zeros(n), 1.0, h=1 / 16)
     nearest = torch.cdist(x1, gm.mu).argmin(1)
     counts = torch.bincount(nearest, minlength=8).double()
     assert torch.all((counts - n / 8).abs() < 4 * math.sqrt(n / 8 * 7 / 8))
@@ -273,6 +279,26 @@ def test_targets_are_clipped():
     assert info["sc"] == pytest.approx(36.0)          # (10 - 4)^2
 
 
+def test_the_distillations_clip_only_their_intermediate_point_as_the_official_code():
+    class Far(torch.nn.Module):          # s = c + x: the jumps overshoot +-4
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x, t, d, y=None):
+            return self.c + x
+    far, x1 = Far(10.0), torch.randn(256, 2)
+    tg = B.make_targets("progressive-distillation", far, x1, teacher=far, progress=1.0)     # d = 1 from t = 0
+    s1 = 10.0 + tg.x_t
+    torch.testing.assert_close(tg.target, (s1 + 10.0 + (tg.x_t + 0.5 * s1).clamp(-4, 4)) / 2)
+    assert tg.target.max() > 6                        # the target itself is not clipped
+    far = Far(1000.0)                                 # an Euler step of 1/128 moves x_t by about 8
+    tg = B.make_targets("consistency-distillation", far, x1, teacher=far)
+    t, t2 = tg.t[:, None], tg.t[:, None] + 1 / 128
+    x_t2 = (tg.x_t + (1000.0 + tg.x_t) / 128).clamp(-4, 4)
+    torch.testing.assert_close(tg.target, (x_t2 + (1 - t2) * (1000.0 + x_t2) - tg.x_t) / (1 - t))
+
+
 def test_the_robust_loss_weighs_rows_within_each_part():
     """loss_power = 0 is the MSE; p > 0 divides each row's summed error e by (e + 1e-3)^p and
     normalises the weights within the bootstrap rows and within the data rows, so that each part
@@ -305,7 +331,7 @@ def test_exact_shortcut_sampler_lands_on_the_flow_map_for_every_N(kind):
     if kind == "gaussian":
         target = model.flow(x0, torch.zeros(200), torch.ones(200))
     else:
-        target = model.gm.flow_map(x0, torch.zeros(200), 1.0, h=1 / 128)
+        target = model.flow_map(x0, torch.zeros(200), 1.0)
     for n in [1, 2, 4, 8, 16, 32, 64, 128]:
         torch.testing.assert_close(S.sample(model, x0, n), target, rtol=0, atol=1e-9)
     torch.testing.assert_close(S.sample(model, x0, [0.5, 0.25, 0.25]), target, rtol=0, atol=1e-9)
@@ -419,7 +445,7 @@ def test_shortcut_and_progressive_distillation_targets_are_the_exact_jump():
     assert n == 256
     torch.testing.assert_close(tg.target[:n], exact(tg.x_t, tg.t, tg.d)[:n], rtol=0, atol=1e-9)
     for progress in np.linspace(0, 1, 8):
-        tg = B.make_targets("progressive-distillation", exact, x1, teacher=exact, progress=progress, clip=None)
+        tg = B.make_targets("progressive-distillation", exact, x1, teacher=exact, progress=progress, clip=math.inf)
         torch.testing.assert_close(tg.target, exact(tg.x_t, tg.t, tg.d), rtol=0, atol=1e-9)
 
 
@@ -437,24 +463,23 @@ def test_consistency_distillation_target_is_the_exact_jump_to_order_h():
 
 
 def test_query_grids_and_curricula():
-    x1 = gaussian_batch(2048)
-    for progress in np.linspace(0, 1, 15):
+    x1, mlp = gaussian_batch(2048), S.MLP().double()
+    for progress in [*(np.arange(7) + 0.5) / 7, 1.0]:                # every stage, and the end
         k = min(int(progress * 7), 6)
-        tg = B.make_targets("consistency-training", S.MLP().double(), x1, progress=progress)
+        tg = B.make_targets("consistency-training", mlp, x1, progress=progress)
         dt = 0.5 ** k                                            # 1, 1/2, ..., 1/64 as training goes on
         assert torch.all(torch.remainder(tg.t, dt) == 0) and tg.t.max() <= 1 - dt
         torch.testing.assert_close(tg.d, 1 - tg.t)
-        tg = B.make_targets("progressive-distillation", S.MLP().double(), x1, teacher=S.MLP().double(),
-                            progress=progress)
+        tg = B.make_targets("progressive-distillation", mlp, x1, teacher=mlp, progress=progress)
         d = 2.0 ** (k - 6)                                       # stage j trains d = 2^-(6-j): 1/64 first
         assert torch.all(tg.d == d) and torch.all(torch.remainder(tg.t, d) == 0) and tg.t.max() <= 1 - d
     stages = [i for i in range(700) if B.new_stage("progressive-distillation", i / 700, (i + 1) / 700)]
     assert stages == [99, 199, 299, 399, 499, 599]               # the teacher is refreshed 6 times
     assert not any(B.new_stage("shortcut", i / 700, (i + 1) / 700) for i in range(700))
     for name in ("flow", "diffusion", "reflow"):                 # velocity objectives are told d = 0
-        tg = B.make_targets(name, S.MLP().double(), x1, teacher=S.MLP().double())
+        tg = B.make_targets(name, mlp, x1, teacher=mlp)
         assert torch.all(tg.d == 0)
-    tg = B.make_targets("live-reflow", S.MLP().double(), x1)
+    tg = B.make_targets("live-reflow", mlp, x1)
     assert tg.n_boot == 256 and torch.all(tg.d[:256] == 1) and torch.all(tg.d[256:] == 0)
 
 
@@ -546,18 +571,47 @@ def test_ot_pairing_is_a_permutation_that_never_costs_more():
         S.draw_noise(x1, "sinkhorn")
 
 
-def test_meanflow_draws_its_queries_as_its_authors_do():
+def authors_v1(P_mean_t, P_std_t, P_mean_r, P_std_r, ratio, num_samples):
+    """py-meanflow's sample_two_timesteps_t_r_v1, transcribed (their time: 0 at the data)."""
+    t = torch.sigmoid(torch.randn(num_samples) * P_std_t + P_mean_t)
+    r = torch.sigmoid(torch.randn(num_samples) * P_std_r + P_mean_r)
+    mask = torch.rand(num_samples) < 1 - ratio
+    r = torch.where(mask, t, r)
+    r = torch.minimum(t, r)
+    return t, r
+
+
+def authors_loss(u, u_tgt, norm_p, norm_eps=1e-3):
+    """py-meanflow's adaptive loss, transcribed: the per-sample summed error over sg(e + eps)^p, a plain mean."""
+    loss = ((u - u_tgt) ** 2).sum(dim=tuple(range(1, u.ndim)))
+    adp_wt = (loss + norm_eps) ** norm_p
+    return (loss / adp_wt.detach()).mean()
+
+
+def test_meanflow_draws_its_queries_and_weighs_its_loss_as_its_authors_do():
     torch.manual_seed(0)
     x1 = torch.randn(40_000, 2)
     tg = B.make_targets("meanflow", GaussianShortcut(MU, SCALE), x1)
-    start, end = tg.t, tg.t + tg.d
-    assert tg.n_boot == 30_000 and torch.all(tg.d[:30_000] > 0) and torch.all(tg.d[30_000:] == 0)
-    assert torch.all(end <= 1) and torch.all(start >= 0)
-    # the larger of sigmoid(N(0.6, 1.6)) and sigmoid(N(4, 1.6)): mostly the latter, near the data
-    assert end[:30_000].median() == pytest.approx(0.976, abs=0.01) and start.median() == pytest.approx(0.62, abs=0.02)
+    torch.manual_seed(0)
+    torch.randn(2, 40_000, 2)                                         # the data x1 and the noise x0
+    t, r = authors_v1(-0.6, 1.6, -4.0, 1.6, 0.75, 40_000)            # their CIFAR-10 script's values
+    def pairs(start, gap):                # the (t, d) pairs in lexicographic order: rows may be permuted
+        by_gap = gap.argsort(stable=True)
+        rows = by_gap[start[by_gap].argsort(stable=True)]
+        return torch.stack([start[rows], gap[rows]])
+    torch.testing.assert_close(pairs(tg.t, tg.d), pairs(1 - t, t - r), rtol=0, atol=0)
+    assert tg.n_boot == int((t > r).sum()) and torch.all(tg.d[:tg.n_boot] > 0) and torch.all(tg.d[tg.n_boot:] == 0)
+    assert 0.28 < 1 - tg.n_boot / 40_000 < 0.32           # r > t rows become flow matching too: ~30%, not 25%
+    mf = B.OBJECTIVES["meanflow"]
+    assert (mf.loss_power, mf.per_part, mf.t_scale, mf.d_embed) == (0.75, False, 1.0, "gap")
+    model = S.MLP(d_embed="gap", t_scale=1.0)
+    torch.nn.init.normal_(model.out[1].weight, std=0.1)
+    small = S.Targets(tg.x_t[:512], tg.t[:512], tg.d[:512], None, tg.target[:512], 400)
+    loss, _ = S.regress(model, small, 0.75, per_part=False)
+    expected = authors_loss(model(small.x_t, small.t, small.d), small.target.float(), 0.75)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     tg = B.make_targets("meanflow", GaussianShortcut(MU, SCALE), x1, ratio=0.25, times="uniform")
-    assert tg.n_boot == 10_000 and tg.t.mean() == pytest.approx(1 / 3, abs=0.01)    # the smaller of two uniforms
-    assert B.OBJECTIVES["meanflow"].loss_power == 1.0 and B.OBJECTIVES["shortcut"].loss_power == 0.0
+    assert tg.n_boot / 40_000 == pytest.approx(0.25 / 2, abs=0.01)   # kept with 1/4, and r < t half the time
 
 
 class GaussianVelocity(GaussianShortcut):
@@ -572,11 +626,11 @@ class GaussianVelocity(GaussianShortcut):
 def test_amed_takes_two_evaluations_a_step_and_learns_a_better_step_than_the_midpoint():
     flow = GaussianVelocity(MU, SCALE).double()
     amed = B.AMED().double()
-    x0 = torch.randn(2000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    exact = flow.flow(x0, torch.zeros(2000), torch.ones(2000))
+    x0 = torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = flow.flow(x0, torch.zeros(1000), torch.ones(1000))
     one_step = lambda: (S.sample(flow, x0, 1, rule=amed.step) - exact).norm(dim=1).mean()      # noqa: E731
     before = one_step()
-    midpoint = (x0 + flow.velocity(x0 + 0.5 * flow.velocity(x0, torch.zeros(2000)), torch.full((2000,), 0.5))
+    midpoint = (x0 + flow.velocity(x0 + 0.5 * flow.velocity(x0, torch.zeros(1000)), torch.full((1000,), 0.5))
                 - exact).norm(dim=1).mean()
     torch.testing.assert_close(before, midpoint)                  # it starts as the midpoint rule
     GaussianVelocity.calls = 0
@@ -656,6 +710,22 @@ def test_told_the_end_time_the_network_sees_where_a_jump_ends():
     with pytest.raises(ValueError, match="d_embed"):
         S.MLP(d_embed="start")
 
+
+
+def test_told_the_gap_the_network_tells_every_d_apart():
+    """d_embed="gap" (MeanFlow's) embeds d itself: below 1/128, where every level is the velocity's,
+    each d still has its own answer and a derivative."""
+    torch.manual_seed(0)
+    x, t, fine, finer = torch.randn(4, 2), torch.rand(4), torch.full((4,), 1 / 256), torch.full((4,), 1 / 512)
+    level, gap = S.MLP(), S.MLP(d_embed="gap", t_scale=1.0)
+    for model in (level, gap):
+        torch.nn.init.normal_(model.out[1].weight, std=0.3)
+    torch.testing.assert_close(gap.cond(t, fine), gap.cond.t_emb(t) + gap.cond.d_emb(fine))
+    assert torch.equal(level(x, t, fine), level(x, t, finer))
+    assert not torch.allclose(gap(x, t, fine), gap(x, t, finer))
+    finer.requires_grad_(True)
+    gap(x, t, finer).sum().backward()
+    assert finer.grad.abs().min() > 0
 
 def test_library_errors_are_one_clear_value_error_each():
     """The library trusts its caller, as nanoGPT and DiT do, except where a mistake would give a

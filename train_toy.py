@@ -5,10 +5,10 @@
     python train_toy.py --objective consistency-training     # any objective of baselines.py
     python train_toy.py --table1             # every objective at one budget (< 3 minutes)
 
-Trains a model by --objective and a flow-matching baseline with the same network, budget and seed
-(the two-phase objectives learn from it), samples both with 1 to 128 steps from the same noise and
-writes to --out: toy.md (the measures), .json, .npz (the samples), .png, exact.png (against the true
-flow of the Gaussian mixture) and a checkpoint per model with its record (--table1: table1.*)."""
+Trains a model by --objective and a flow-matching baseline with the same network, budget and seed (the
+two-phase objectives learn from it), samples both with 1 to 128 steps from the same noise and writes to
+--out: toy.md (the measures), .json, .npz (the samples), .png, exact.png (against the exact flow of the
+Gaussian mixture) and a checkpoint per model with its record (--table1: table1.*)."""
 import argparse
 import copy
 import dataclasses
@@ -26,7 +26,7 @@ import baselines as B
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, as_count, as_positive,
                   as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli, deferred_stop,
                   load_checkpoint, refuse, setting, write_atomic)
-from shortcut import MAX_STEPS, MLP, ema_update, regress, sample
+from shortcut import MAX_STEPS, MLP, ema_update, regress
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -150,14 +150,14 @@ def exact_errors(model, path, told="step"):
 
 def evaluate(models, x0, data, data_b, gm, path, seed=0):
     """Samples of each model (name -> (objective or "amed", model)) from the same noise x0 and sampler seed, by NFE
-    (AMED takes 2 a step), and their measures; no exact error for AMED or diffusion, whose flow map differs."""
+    (AMED takes 2 a step), and their measures; no exact error for AMED, nor for diffusion and reflow, which learn
+    other flows (the cosine path's; the teacher's coupling)."""
     samples = {}
-    for name, (kind, model) in models.items():
-        sampler, nfe, model = (functools.partial(sample, rule=model[0].step, off_grid=True), 2, model[1]) \
-            if kind == "amed" else (B.OBJECTIVES[kind].sample, 1, model)
+    for name, (kind, m) in models.items():
+        sampler, nfe, m = (B.sampler(m[0].step), 2, m[1]) if kind == "amed" else (B.OBJECTIVES[kind].sample, 1, m)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            samples[name] = {nfe * n: sampler(model, x0, n).numpy() for n in STEP_COUNTS if nfe * n <= MAX_STEPS}
+            samples[name] = {nfe * n: sampler(m, x0, n).numpy() for n in STEP_COUNTS if nfe * n <= MAX_STEPS}
         bad = {n: int((~np.isfinite(x).all(1)).sum()) for n, x in samples[name].items()}
         if any(bad.values()):
             print(f"note: {name} gave non-finite samples, counted as off-mode: "
@@ -166,7 +166,7 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
                 "sliced_w2": lambda x: sliced_w2(x, data)}
     metrics = {key: {"data": f(data_b), **{k: {n: f(x) for n, x in s.items()} for k, s in samples.items()}}
                for key, f in measures.items()}
-    metrics["exact_error"] = {name: None if kind in ("amed", "diffusion") else
+    metrics["exact_error"] = {name: None if kind in ("amed", "diffusion", "reflow") else
                               exact_errors(m, path, B.OBJECTIVES[kind].told) for name, (kind, m) in models.items()}
     return samples, metrics
 
@@ -197,8 +197,9 @@ class Run(Record):
     ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy, decay 0.999 (the official default)")
     curriculum: bool = setting(True, "exercise 10: consistency training at its final step 1/64 throughout",
                                flag="--no-curriculum", action="store_false")
-    d_embed: str = setting("level", "exercise 14: d as its level log2(1/d) (default) or the end time t + d",
-                           choices=["level", "end"])
+    d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "
+                           "(default: the objective's: level, meanflow's gap)",
+                           choices=["level", "end", "gap"])
     teacher: "Run | None" = None
 
 
@@ -228,7 +229,7 @@ def train(run, data, teacher=None, track=None, label=None):
         for step in range(run.steps):
             x1, progress = data[torch.randint(len(data), (run.batch_size,))], step / run.steps
             tg = B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress, **options)
-            loss, parts = regress(model, tg, run.loss_power)
+            loss, parts = regress(model, tg, run.loss_power, B.OBJECTIVES[run.objective].per_part)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -291,41 +292,32 @@ def obtain(args, run, name, train_data, teacher=None, track=None):
 
 ################################### Figures ####################################
 
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-def plot_samples(path, data, samples, counts, off=None):
-    """A row per model, a column per step count (and the data): its samples over the data, with their off-mode share."""
-    import matplotlib.pyplot as plt
-    rows, lim = list(samples), np.abs(data).max() * 1.15
-    fig, axes = plt.subplots(len(rows), len(counts) + 1, figsize=(2.3 * (len(counts) + 1), 2.3 * len(rows)),
-                             squeeze=False)
-    for r, model in enumerate(rows):
-        for ax, n in zip(axes[r], counts + ["data"]):
-            if n != "data" and n not in samples[model]:      # AMED takes 2 evaluations a step
-                ax.set_axis_off()
+def plot_samples(file, data, samples, counts, off):
+    """A row per model, a column per step count and one of the data: samples over the data, with the off-mode share."""
+    from matplotlib.figure import Figure
+    lim, columns = np.abs(data).max() * 1.15, counts + ["data"]
+    fig = Figure(figsize=(2.3 * len(columns), 2.3 * len(samples)), layout="tight")
+    axes = fig.subplots(len(samples), len(columns), squeeze=False)
+    for r, (model, per_n) in enumerate(samples.items()):
+        for ax, n in zip(axes[r], columns):
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+            if n != "data" and n not in per_n:      # AMED takes 2 evaluations a step (no frame, but the row's name)
+                ax.set_frame_on(False)
                 continue
             ax.scatter(*data[:2000].T, s=1, color="k" if n == "data" else "0.85")
             if n != "data":
-                ax.scatter(*samples[model][n][:2000].T, s=1, alpha=0.4, color=f"C{r % 10}")
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
-            title = "" if r else "data" if n == "data" else f"{n} step{'s' * (n > 1)}"
-            if off is not None:      # the share of points more than 3 sigma from every mode
-                title += chr(10) * bool(title) + f"{off['data'] if n == 'data' else off[model][n]:.1%} off-mode"
-            ax.set_title(title, fontsize=8)
+                ax.scatter(*per_n[n][:2000].T, s=1, alpha=0.4, color=f"C{r % 10}")
+            title = "" if r else "data\n" if n == "data" else f"{n} step{'s' * (n > 1)}\n"
+            ax.set_title(f"{title}{off['data'] if n == 'data' else off[model][n]:.1%} off-mode", fontsize=8)
         axes[r, 0].set_ylabel(model, fontsize=8)
-    save_figure(fig, path)
+    write_atomic(file, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
-def plot_exact(path, errors, models, one_step, history=None, n_points=300):
+def plot_exact(file, errors, models, path, history):
     """Each model's error at every d and its one-step jumps against the exact flow, and the errors during training."""
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
-    fig, axes = plt.subplots(1, 1 + len(models) + bool(history), figsize=(4.3 * (1 + len(models) + bool(history)), 4))
+    from matplotlib import collections, colormaps, figure
+    fig = figure.Figure(figsize=(4.3 * (1 + len(models) + bool(history)), 4), layout="tight")
+    axes = fig.subplots(1, 1 + len(models) + bool(history))
     for name, errs in errors.items():
         if errs is not None:             # diffusion's cosine path has another flow map
             axes[0].plot(STEP_COUNTS, [errs[n] for n in STEP_COUNTS], "o-", label=name)
@@ -334,20 +326,20 @@ def plot_exact(path, errors, models, one_step, history=None, n_points=300):
     axes[0].legend(fontsize=7)
     if history:
         for i, n in enumerate(STEP_COUNTS):
-            axes[-1].plot(list(history), [h[n] for h in history.values()], color=plt.cm.viridis(i / 7),
+            axes[-1].plot(list(history), [h[n] for h in history.values()], color=colormaps["viridis"](i / 7),
                           label=f"d = 1/{n}")
         axes[-1].set(yscale="log", xlabel="training step", title="the errors during training")
         axes[-1].legend(fontsize=7, ncol=2)
-    x0, exact = one_step[0][:n_points], one_step[1][:n_points]
+    x0, exact = path[0, :300].float(), path[-1, :300].float()
     for i, (ax, (name, (obj, model))) in enumerate(zip(axes[1:], models.items())):
         with torch.no_grad():
             jump = x0 + model(x0, torch.zeros(len(x0)), torch.full((len(x0),), float(B.OBJECTIVES[obj].told != "0")))
-        ax.add_collection(LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
+        ax.add_collection(collections.LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
         ax.scatter(*exact.T, s=4, color="0.5", label="exact Phi_{0->1}(x0)")
         ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
         ax.set(aspect="equal", xticks=[], yticks=[], title=f"{name}: one step of size 1 (red: error)")
         ax.legend(loc="lower left", fontsize=7)
-    save_figure(fig, path)
+    write_atomic(file, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 ##################################### Main #####################################
@@ -382,74 +374,73 @@ FLOW = dict(objective="flow", pair="independent")
 TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [
     ("shortcut, robust loss", dict(objective="shortcut", loss_power=0.5)), ("AMED on flow", None)]
 SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) for n in (16, 8, 4, 2)]
+MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "{:.1%}"),
+            ("spread", "spread within the modes, tr(Sigma^-1 C) / D: 1 is the data's, below 1 too tight", "{:.2f}"),
+            ("sliced_w2", "sliced W2 to fresh data", "{:.3f}"),
+            ("exact_error", "RMS error of s(x_t, t, d) against the exact jump, d = 1/NFE", "{:.3f}")]
 
 
 def main(argv=None):
+    """Every row's model for each seed, measured: STEM.md, .json, .npz, .png (the first seed's samples) and, for the
+    usual run, exact.png."""
     args = parse_args(argv)
     baseline = B.OBJECTIVES[args.objective].two_phase or not args.no_baseline and args.objective != "flow"
     stem = "table1" if args.table1 else "sweep" if args.sweep else "toy"
     rows = {"table1": TABLE1, "sweep": SWEEP, "toy": [(args.objective, {})] + [("flow", FLOW)] * baseline}[stem]
+    counts, seeds = [1, 2, 4, 8, 128] if stem == "toy" else [1, 4, 128], range(args.seed, args.seed + args.seeds)
+    out = functools.partial(os.path.join, args.out)
     with claim(args.out):
         check_outputs(args.out, f"{stem}.json", dataclasses.asdict(record(args)))
-        return compare(args, stem, rows, [1, 2, 4, 8, 128] if stem == "toy" else [1, 4, 128])
-
-
-def compare(args, stem, rows, counts):
-    """Every row's model for each seed, measured: STEM.md, .json, .npz, .png (the first seed's samples at `counts`)."""
-    start, seeds = time.time(), range(args.seed, args.seed + args.seeds)
-    gm, path = MIXTURES[args.dataset](), mixture_paths(args.dataset)
-    runs = [replicate(args, rows, seed, gm, path) for seed in seeds]
-    (models, logs, data, x0, samples, _), per_seed = runs[0], [r[-1] for r in runs]
-    metrics = {"run": dataclasses.asdict(record(args)), "seeds": list(seeds),
-               **{k: average([m[k] for m in per_seed]) for k in per_seed[0]},
-               **({"per_seed": per_seed} if len(runs) > 1 else {})}
-    if stem == "toy":
-        metrics.update(one_run_figures(args, models, logs, data, x0, path, per_seed[0].get("exact_error")))
-    md = tables(metrics, counts, f"{stem}: {args.dataset}, MLP {args.width}x{args.depth}, {args.steps} steps of batch "
-                f"{args.batch_size} per model (two-phase: plus their teacher's), seeds {list(seeds)}")
-    print("\n" + md)
-    write_atomic(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(md.encode()))
-    write_atomic(os.path.join(args.out, f"{stem}.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    arrays = {"data": data, **{f"{file_name(k)}_{n}": x for k, per_n in samples.items() for n, x in per_n.items()}}
-    write_atomic(os.path.join(args.out, f"{stem}.npz"), lambda f: np.savez_compressed(f, **arrays))
-    plot_samples(os.path.join(args.out, f"{stem}.png"), data, samples, counts, per_seed[0].get("off_mode"))
+        start, path = time.time(), mixture_paths(args.dataset)
+        runs = [replicate(args, rows, seed, path) for seed in seeds]
+        (models, history, data, samples, _), per_seed = runs[0], [r[-1] for r in runs]
+        metrics = {"run": dataclasses.asdict(record(args)), "seeds": list(seeds), **average(per_seed),
+                   **({"per_seed": per_seed} if len(runs) > 1 else {})}
+        if stem == "toy":
+            plot_exact(out("exact.png"), per_seed[0]["exact_error"], models, path, history)
+            metrics.update({"exact_during_training": history} if history else {})
+        md = tables(metrics, counts, f"{stem}: {args.dataset}, MLP {args.width}x{args.depth}, {args.steps} steps of "
+                    f"batch {args.batch_size} per model (two-phase: plus their teacher's), seeds {list(seeds)}")
+        print("\n" + md)
+        write_atomic(out(f"{stem}.md"), lambda f: f.write(md.encode()))
+        write_atomic(out(f"{stem}.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        arrays = {"data": data, **{f"{file_name(k)}_{n}": x for k, per_n in samples.items() for n, x in per_n.items()}}
+        write_atomic(out(f"{stem}.npz"), lambda f: np.savez_compressed(f, **arrays))
+        plot_samples(out(f"{stem}.png"), data, samples, counts, per_seed[0]["off_mode"])
     print(f"\ndone in {time.time() - start:.1f}s; wrote {stem}.md, .json, .npz, .png and checkpoints to {args.out}")
     return metrics
 
 
-def replicate(args, rows, seed, gm, path):
-    """One seed of a comparison: its data, noise, models, samples and measures. The flow-matching row (the same record
-    but for its objective) is also the teacher of the two-phase rows and AMED's flow."""
+def replicate(args, rows, seed, path):
+    """One seed: its models, the first row's errors during training (--track-exact), the data, the samples and their
+    measures. The flow row's model is also the teacher of the two-phase rows and AMED's flow."""
     rng = np.random.default_rng(seed)
     train_data, data, data_b = (sample_data(args.dataset, n, rng) for n in (100_000, args.n_samples, args.n_samples))
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
-    suffix, teacher, models, logs = f"_seed{seed}" * (seed != args.seed), None, {}, {}
+    suffix, flow, teacher = f"_seed{seed}" * (seed != args.seed), record(args, seed=seed, **FLOW), None
+    models, logs = {}, {}
     for i, (row, changes) in enumerate(rows):
         run = record(args, seed=seed, **(FLOW if changes is None else changes))
         two_phase = B.OBJECTIVES[run.objective].two_phase
-        flow_row = run.objective == "flow" and run.pair == "independent"
-        if (flow_row or two_phase) and teacher is None:
-            flow_run = record(args, seed=seed, **FLOW)
-            teacher = (flow_run, *obtain(args, flow_run, "flow" + suffix, train_data))
-        if changes is None:           # AMED: the flow row, sampled by a learned solver
+        track = (args.track_exact, lambda m: exact_errors(m, path)) \
+            if args.track_exact and i == 0 and seed == args.seed else None
+        if (run == flow or two_phase) and teacher is None:
+            teacher = obtain(args, flow, "flow" + suffix, train_data, track=track if run == flow else None)
+        if changes is None:           # AMED: the flow model, sampled by a learned solver
             t0 = time.time()
             with torch.random.fork_rng():         # its predictor trains as long as the models, up to 400 steps
                 torch.manual_seed(seed)
                 amed = B.AMED()
-                amed.fit(teacher[1], torch.randn(args.n_samples, 2), iters=min(400, args.steps))
-            models[row], logs[row] = ("amed", (amed, teacher[1])), {"seconds": time.time() - t0}
+                amed.fit(teacher[0], torch.randn(args.n_samples, 2), iters=min(400, args.steps))
+            models[row], logs[row] = ("amed", (amed, teacher[0])), {"seconds": time.time() - t0}
             continue
-        if flow_row:
-            _, model, logs[row] = teacher
-        else:
-            track = (args.track_exact, lambda m: exact_errors(m, path)) \
-                if args.track_exact and i == 0 and seed == args.seed else None
-            model, logs[row] = obtain(args, dataclasses.replace(run, teacher=teacher[0] if two_phase else None),
-                                      file_name(row) + suffix, train_data, teacher[1] if two_phase else None, track)
-        models[row] = (run.objective, model.cpu())
-    samples, metrics = evaluate(models, x0, data, data_b, gm, path, seed)
-    metrics["train_seconds"] = {row: logs[row]["seconds"] for row in models}
-    return models, logs, data, x0, samples, metrics
+        model, logs[row] = teacher if run == flow else obtain(
+            args, dataclasses.replace(run, teacher=flow if two_phase else None), file_name(row) + suffix, train_data,
+            teacher[0] if two_phase else None, track)
+        models[row] = (run.objective, model)
+    samples, metrics = evaluate(models, x0, data, data_b, MIXTURES[args.dataset](), path, seed)
+    metrics["train_seconds"] = {row: log["seconds"] for row, log in logs.items()}
+    return models, logs[rows[0][0]].get("exact"), data, samples, metrics
 
 
 def file_name(row):          # 'shortcut, robust loss' -> 'shortcut_robust_loss'
@@ -463,20 +454,14 @@ def average(values):
     return None if any(v is None for v in values) else float(np.mean(values))
 
 
-MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "{:.1%}"),
-            ("spread", "spread within the modes, tr(Sigma^-1 C) / D: 1 is the data's, below 1 too tight", "{:.2f}"),
-            ("sliced_w2", "sliced W2 to fresh data", "{:.3f}"),
-            ("exact_error", "RMS error of s(x_t, t, d) against the exact jump, d = 1/NFE", "{:.3f}")]
-
-
 def tables(metrics, counts, head):
     """A markdown table per measure, a row per model, a column per NFE; over seeds, mean ± standard deviation."""
-    out, rows = [head, ""], list(metrics["train_seconds"])
-    for key, title, fmt in (m for m in MEASURES if m[0] in metrics):
+    out = [head, ""]
+    for key, title, fmt in MEASURES:
         ref = metrics[key].get("data")
         out += [title + (f" (data: {fmt.format(ref)})" if ref is not None else ""), "",
                 "| NFE | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
-        for row in rows:
+        for row in metrics["train_seconds"]:
             mean = metrics[key][row]
             cells = ["n/a" if mean is None or n not in mean else fmt.format(mean[n]) + (
                 f" ± {fmt.format(np.std([m[key][row][n] for m in metrics['per_seed']], ddof=1))}"
@@ -485,13 +470,6 @@ def tables(metrics, counts, head):
         out += [""]
     seconds = ", ".join(f"{row} {s:.1f}" for row, s in metrics["train_seconds"].items())
     return "\n".join(out + [f"training seconds: {seconds}"]) + "\n"
-
-
-def one_run_figures(args, models, logs, data, x0, path, errors):
-    """The usual run's figure against the exact flow; returns the errors during training (--track-exact)."""
-    history = next(iter(logs.values())).get("exact")
-    plot_exact(os.path.join(args.out, "exact.png"), errors, models, (path[0].float(), path[-1].float()), history)
-    return {"exact_during_training": history} if history else {}
 
 
 if __name__ == "__main__":
