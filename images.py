@@ -204,18 +204,15 @@ class DigitsJudge:
 
 
 def fid_backend():
-    return next((m for m in ("pytorch_fid", "torchmetrics") if importlib.util.find_spec(m)), None)
+    """pytorch-fid's Inception network, as the official code measures FID, if it is installed."""
+    return importlib.util.find_spec("pytorch_fid") is not None
 
 
 @functools.lru_cache(maxsize=1)
 def inception(device):
-    if fid_backend() == "pytorch_fid":
-        from pytorch_fid.inception import InceptionV3
-        net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
-        return lambda x: net(x)[0].flatten(1)
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    net = FrechetInceptionDistance(feature=2048).inception.to(device).eval()
-    return lambda x: net((x * 255).round().to(torch.uint8)).flatten(1)
+    from pytorch_fid.inception import InceptionV3
+    net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    return lambda x: net(x)[0].flatten(1)
 
 
 @torch.no_grad()
@@ -325,8 +322,8 @@ def evaluate(model, run, args, data):
 
 
 def fid_scores(samples, run, args, data):
-    if fid_backend() is None:
-        print("FID skipped: install pytorch-fid (pip install pytorch-fid) or torchmetrics[image] for FID", flush=True)
+    if not fid_backend():
+        print("FID skipped: install pytorch-fid (pip install pytorch-fid) for FID", flush=True)
         return {}
     try:
         mu, cov = reference_stats(run.dataset, args.data_dir, data)
@@ -335,7 +332,7 @@ def fid_scores(samples, run, args, data):
                         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --no-fid; every other "
                         f"measure is in {os.path.join(args.out, 'metrics.json')}") from None
     metrics = {"metric": f"FID over {args.n_samples} samples against the training set's statistics (Inception "
-                         f"pool3, {fid_backend()}; the paper's FID-50k draws 50,000)"}
+                         "pool3 of pytorch-fid; the paper's FID-50k draws 50,000)"}
     for k, v in samples.items():
         metrics[k] = {"fid": frechet(*moments(inception_features(v.numpy(), data.device)), mu, cov)}
     print_table(metrics)
