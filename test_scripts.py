@@ -1007,8 +1007,8 @@ def shows(cell, *values, percent=False):
 
 
 def test_documented_numbers_match_their_results_files():
-    """The README's toy and digits tables are docs/results' files, to the digits they show: a number edited by hand,
-    or a results file written by another run, fails here."""
+    """The README's toy and digits tables and RESULTS' Table 1 are docs/results' files, to the digits they show: a
+    number edited by hand, or a results file written by another run, fails here."""
     def load(name):
         with open(os.path.join("docs", "results", name)) as f:
             return json.load(f)
@@ -1031,3 +1031,14 @@ def test_documented_numbers_match_their_results_files():
         for n, cell in zip([1, 2, 4, 8, 128], cells):
             value = metrics[f"{metrics['run']['objective']}_{n}"]["fd" if measure == "FD" else "accuracy"]
             assert shows(cell, value), (label, n, cell)
+    table1 = load("table1/table1.json")
+    columns = [("off_mode", n, True) for n in (1, 2, 4, 128)] + [("spread", n, False) for n in (1, 4, 128)]
+    rows = table_after(os.path.join("docs", "RESULTS.md"), "## Table 1 in miniature")
+    assert len(rows) == len(table1["train_seconds"])
+    for row, *cells in rows:
+        for (key, n, percent), cell in zip(columns, cells):
+            mean = table1[key][row].get(str(n))
+            assert cell == "n/a" if mean is None else shows(
+                cell, mean, np.std([m[key][row][str(n)] for m in table1["per_seed"]], ddof=1), percent=percent), \
+                (row, n, cell)
+        assert shows(cells[-1], table1["train_seconds"][row]), (row, cells[-1])
