@@ -595,6 +595,7 @@ def test_meanflow_draws_its_queries_and_weighs_its_loss_as_its_authors_do():
     torch.manual_seed(0)
     torch.randn(2, 40_000, 2)                                         # the data x1 and the noise x0
     t, r = authors_v1(-0.6, 1.6, -4.0, 1.6, 0.75, 40_000)            # their CIFAR-10 script's values
+
     def pairs(start, gap):                # the (t, d) pairs in lexicographic order: rows may be permuted
         by_gap = gap.argsort(stable=True)
         rows = by_gap[start[by_gap].argsort(stable=True)]
@@ -711,7 +712,6 @@ def test_told_the_end_time_the_network_sees_where_a_jump_ends():
         S.MLP(d_embed="start")
 
 
-
 def test_told_the_gap_the_network_tells_every_d_apart():
     """d_embed="gap" (MeanFlow's) embeds d itself: below 1/128, where every level is the velocity's,
     each d still has its own answer and a derivative."""
@@ -726,6 +726,7 @@ def test_told_the_gap_the_network_tells_every_d_apart():
     finer.requires_grad_(True)
     gap(x, t, finer).sum().backward()
     assert finer.grad.abs().min() > 0
+
 
 def test_library_errors_are_one_clear_value_error_each():
     """The library trusts its caller, as nanoGPT and DiT do, except where a mistake would give a
