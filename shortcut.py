@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 MAX_STEPS = 128          # the finest step d = 1/128, the flow-matching level
 BOOTSTRAP_LEVELS = 7     # the self-consistency levels 2d = 1, 1/2, ..., 1/64 (8 levels in all, with 1/128)
+D_EMBEDS = ("level", "end", "gap")    # how d is told to a network (Conditioning)
 
 
 ########################### The path and the queries ###########################
@@ -265,7 +266,7 @@ class Conditioning(nn.Module):
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
-        if d_embed not in ("level", "end", "gap"):
+        if d_embed not in D_EMBEDS:
             raise ValueError(f"d_embed must be 'level', 'end' or 'gap', got {d_embed!r}")
         self.num_classes, self.d_embed = num_classes, d_embed
         self.t_emb = SinusoidalEmbedder(width, scale=t_scale, freq_dim=freq_dim, mlp=mlp)

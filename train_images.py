@@ -30,7 +30,7 @@ import images
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count,
                   as_positive, as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli,
                   deferred_stop, first_line, load_checkpoint, refuse, setting, write_atomic)
-from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress
+from shortcut import BOOTSTRAP_LEVELS, D_EMBEDS, DIT_SIZES, DiT, dit_config, ema_update, regress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Run(Record):
     seed: int = setting(0, "random seed (default: 0)", type=as_seed)
     loss_power: float = setting(None, "p of shortcut.regress's robust loss (default: the objective's)", type=as_power)
     t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_t_scale)
-    d_embed: str = setting(None, "how d is told (default: the objective's)", choices=["level", "end", "gap"])
+    d_embed: str = setting(None, "how d is told (default: the objective's)", choices=D_EMBEDS)
     teacher: "Run | None" = None
 
 
@@ -90,7 +90,8 @@ def the_run(argv=None):
     args = p.parse_args(argv)
     refuse(not usable.get(args.device, True), f"--device {args.device} was asked for but this torch cannot use it here")
     args.device = torch.device(next(d for d, ok in usable.items() if ok) if args.device == "auto" else args.device)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run)[:-1] if hasattr(args, f.name)}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"
+             and hasattr(args, f.name)}
     refuse(args.sample_only and not args.resume, "--sample-only needs --resume PATH, the checkpoint to sample")
     refuse(args.resume and args.teacher, "--teacher cannot change on --resume: the checkpoint holds its teacher")
     refuse(os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is a file")

@@ -26,7 +26,7 @@ import baselines as B
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, as_count, as_positive,
                   as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli, deferred_stop,
                   load_checkpoint, refuse, setting, write_atomic)
-from shortcut import MAX_STEPS, MLP, ema_update, regress
+from shortcut import D_EMBEDS, MAX_STEPS, MLP, ema_update, regress
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -199,7 +199,7 @@ class Run(Record):
                                flag="--no-curriculum", action="store_false")
     d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "
                            "(default: the objective's: level, meanflow's gap)",
-                           choices=["level", "end", "gap"])
+                           choices=D_EMBEDS)
     teacher: "Run | None" = None
 
 
