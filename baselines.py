@@ -1,18 +1,12 @@
-"""The other training objectives of the paper's Table 1, and two successors, as target builders.
+"""The other training objectives of the paper's Table 1, and two successors (MeanFlow, AMED), as target builders.
 
-Every row of Table 1 builds regression targets for one network s(x_t, t, d): a builder draws
-the queries for a batch of data x1 and says what s should answer there, as a `shortcut.Targets`
-that `shortcut.regress` fits. All share one signature,
-
-    builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets,
-
-with `progress` in [0, 1] the share of training done (for the curricula) and `teacher` the
-frozen flow-matching model of the two-phase objectives (for the others, an optional EMA copy
-that builds the targets in the model's place). Unlike the official code, which tells only
-shortcut and live reflow their d, every objective is told the d its target means, so one
-network and one sampler serve them all; the registry `OBJECTIVES` says how each one samples.
-The curricula follow `progress` rather than a step counter. Beyond the paper: MeanFlow (Geng et
-al. 2025), eq. 5 in continuous time, and AMED, a learned solver for a flow model. Where the
+Every row of Table 1 builds regression targets for one network s(x_t, t, d): a builder draws the queries for a batch
+of data x1 and says what s should answer there, as a `shortcut.Targets` that `shortcut.regress` fits. All share one
+signature, builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets, with `progress` in [0, 1]
+the share of training done (the curricula follow it, not a step count) and `teacher` the frozen flow-matching model
+of the two-phase objectives (for the others, an optional EMA copy that builds the targets in the model's place).
+Unlike the official code, which tells only shortcut and live reflow their d, every objective is told the d its target
+means, so one network and one sampler serve them all; the registry `OBJECTIVES` says how each one samples. Where the
 builders depart from the official ones is listed at the end of shortcut.py.
 """
 import inspect
@@ -22,7 +16,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, draw_noise, guided, interpolate, jump, sample,
@@ -34,8 +27,7 @@ PAIR_STEPS = 8     # Euler steps that make a (live) reflow pair: the official li
 ####################### One-phase objectives (from data) #######################
 
 def flow_matching(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent"):
-    """Flow matching (Lipman et al. 2023; Liu et al. 2023): s(x_t, t, 0) <- x1 - x0 with
-    t ~ U[0, 1]; the network is told d = 0, the velocity."""
+    """Flow matching (Lipman et al. 2023; Liu et al. 2023): s(x_t, t, 0) <- x1 - x0 with t ~ U[0, 1], told d = 0."""
     return shortcut_targets(model, x1, y, bootstrap_frac=0.0, pair=pair)
 
 
@@ -47,9 +39,8 @@ def shortcut(model, x1, y=None, *, teacher=None, progress=0.0, bootstrap_frac=0.
 
 
 def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent"):
-    """A diffusion model on the variance-preserving cosine path (Nichol & Dhariwal 2021),
-    x_t = cos(pi t/2) x0 + sin(pi t/2) x1, regressing its velocity
-    dx_t/dt = (pi/2) (cos(pi t/2) x1 - sin(pi t/2) x0); the network is told d = 0."""
+    """A diffusion model on the variance-preserving cosine path (Nichol & Dhariwal 2021), x_t = cos(pi t/2) x0 +
+    sin(pi t/2) x1, regressing its velocity dx_t/dt = (pi/2) (cos(pi t/2) x1 - sin(pi t/2) x0), told d = 0."""
     x0, t = draw_noise(x1, pair, y), torch.rand(len(x1), device=x1.device)
     a, b = bcast(torch.cos(math.pi / 2 * t), x1), bcast(torch.sin(math.pi / 2 * t), x1)
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
@@ -57,16 +48,13 @@ def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, pair="independen
 
 def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent",
                          curriculum=True):
-    """Consistency training (Song et al. 2023) as the official code builds it. A curriculum
-    over training shrinks the step dt = 2^-k, k = floor(7 progress), from 1 to 1/64. With t on
-    the multiples of dt and t2 = t + dt on the same (x0, x1) line, the network (or teacher)
-    predicts the end point from x_t2: x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2). Target:
-    s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]; the network is told d = 1 - t.
-    curriculum=False (an exercise) uses the final dt = 1/64 from the first step."""
-    k = stage(progress if curriculum else 1.0)
-    dt = 0.5 ** k
+    """Consistency training (Song et al. 2023) as the official code builds it, over a curriculum that shrinks the
+    step dt = 2^-k, k = floor(7 progress), from 1 to 1/64 (curriculum=False, an exercise: 1/64 throughout). With t
+    on the multiples of dt and t2 = t + dt on the same (x0, x1) line, the network (or teacher) predicts the end
+    point x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]."""
+    dt = 0.5 ** stage(progress if curriculum else 1.0)
     x0 = draw_noise(x1, pair, y)
-    t = torch.floor(torch.rand(len(x1), device=x1.device) * 2 ** k) * dt
+    t = torch.floor(torch.rand(len(x1), device=x1.device) / dt) * dt
     t2 = t + dt
     with torch.no_grad():
         x_t2 = interpolate(x0, x1, t2)
@@ -82,18 +70,16 @@ def stage(progress):
 
 
 def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", reflow_frac=1 / 8):
-    """Live reflow (the paper's own one-phase alternative). A reflow_frac share of the rows:
-    the model (or teacher) maps fresh noise x0 to x1_hat with 8 Euler steps of its velocity, and
-    s(x_t, t, 1) <- sg[x1_hat - x0] at a random t on the line from x0 to x1_hat, told d = 1.
-    The other rows are flow matching (paired by `pair`)."""
+    """Live reflow (the paper's own one-phase alternative). A reflow_frac share of the rows: the model (or
+    teacher) maps fresh noise x0 to x1_hat with 8 Euler steps of its velocity, and s(x_t, t, 1) <- sg[x1_hat - x0]
+    at a random t on the line from x0 to x1_hat, told d = 1. The other rows are flow matching (paired by `pair`)."""
     if not 0 <= reflow_frac <= 1:
         raise ValueError(f"reflow_frac must be in [0, 1], got {reflow_frac}")
     tg = flow_matching(model, x1, y, pair=pair)
     n = round(reflow_frac * len(x1))
     if n == 0:
         return tg
-    y_r = None if y is None else y[:n]
-    x0 = torch.randn_like(x1[:n])
+    x0, y_r = torch.randn_like(x1[:n]), None if y is None else y[:n]
     with torch.no_grad():
         x1_hat = sample(model if teacher is None else teacher, x0, PAIR_STEPS, y_r, rule=velocity)
     t = torch.rand(n, device=x1.device)
@@ -104,10 +90,9 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
 ############# Two-phase objectives (from a flow-matching teacher) ##############
 
 def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
-    """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen
-    flow-matching teacher takes one Euler step of h = 1/128 from x_t to x_t2 (clipped to +-clip,
-    as officially), the network predicts the end point from there, x1_hat = x_t2 + (1 - t2)
-    s(x_t2, t2, 1 - t2), and s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)], told d = 1 - t."""
+    """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen flow-matching teacher
+    takes one Euler step of h = 1/128 from x_t to x_t2 (clipped to +-clip, as officially), the network predicts the
+    end point x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]."""
     h = 1.0 / MAX_STEPS
     x0 = draw_noise(x1, pair, y)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
@@ -119,11 +104,10 @@ def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
 
 
 def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4.0, pair="independent"):
-    """Progressive distillation (Salimans & Ho 2022) in 7 stages: stage j trains the single
-    step d = 2^-(6-j) (1/64 first, 1 last) on t in the multiples of d, told d, with eq. 5's
-    target from two teacher jumps of d/2, s(x_t, t, d) <- sg[(s1 + s2) / 2]; as officially, only
-    the intermediate point is clipped. The student starts as the flow-matching teacher, and at
-    each new stage the teacher becomes a copy of the student (`new_stage`): the loop does both."""
+    """Progressive distillation (Salimans & Ho 2022) in 7 stages: stage j trains the single step d = 2^-(6-j)
+    (1/64 first, 1 last) on t in the multiples of d, told d, with eq. 5's target from two teacher jumps of d/2,
+    s(x_t, t, d) <- sg[(s1 + s2) / 2], clipping only the intermediate point as officially. The loop starts the
+    student as the flow-matching teacher and copies it into the teacher at each new stage (`new_stage`)."""
     d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - stage(progress))
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
@@ -135,17 +119,15 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
 
 
 def new_stage(name, progress, next_progress):
-    """True when `name` is progressive distillation and the next step starts a new stage:
-    the training loop then copies the student into the teacher."""
+    """True when the next step starts a new progressive-distillation stage: the loop then copies student to teacher."""
     return name == "progressive-distillation" and stage(next_progress) != stage(progress)
 
 
 def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
-    """Reflow (Liu et al. 2023, rectified flow): the frozen flow-matching teacher maps fresh
-    noise x0 to x1_hat = ODE(x0) (8 Euler steps), and a new model is flow-matched on the
-    coupled pairs, s(x_t, t, 0) <- x1_hat - x0, whose straighter paths take fewer steps.
-    The data batch x1 only sets the batch size: reflow sees data through its teacher, whose
-    map is already its coupling, so pair="ot" has nothing to re-pair and is refused."""
+    """Reflow (Liu et al. 2023, rectified flow): the frozen flow-matching teacher maps fresh noise x0 to
+    x1_hat = ODE(x0) (8 Euler steps), and a new model is flow-matched on the coupled pairs, s(x_t, t, 0) <-
+    x1_hat - x0, whose straighter paths take fewer steps. The data batch x1 only sets the batch size: reflow sees
+    data through its teacher, whose map is already its coupling, so pair="ot" has nothing to re-pair: refused."""
     if pair != "independent":
         raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
@@ -155,29 +137,25 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     return Targets(interpolate(x0, x1_hat, t), t, torch.zeros_like(t), y, x1_hat - x0, len(x1))
 
 
-############# Beyond the paper: MeanFlow, eq. 5 in continuous time #############
+######## Beyond the paper: MeanFlow (eq. 5 in continuous time) and AMED ########
 
 def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75,
              times="logit-normal"):
-    """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous time.
-    s(x, t, d) is the average velocity over [t, t + d]; differentiating d s(x_t, t, d) =
-    Phi_{t->t+d}(x_t) - x_t along the path with t + d held fixed gives s = v + d (v . grad_x s +
-    d_t s - d_d s), and the target is its right side under stop-gradient with v = x1 - x0, not
-    clipped. Queries by the authors' sampler `v1` in their time tau = 1 - t: tau_t ~ sigmoid(N(-0.6,
-    1.6)), tau_r ~ sigmoid(N(-4, 1.6)) (times="uniform": U[0, 1]), tau_r = tau_t with probability
-    1 - ratio, then tau_r = min(tau_t, tau_r): a jump from t = 1 - tau_t over d = tau_t - tau_r, and
-    about 30% of the rows flow matching (d = 0, put last). The registry holds the rest of the
-    recipe: p = 0.75 and the plain mean, t unscaled, d told continuously (d_embed "gap")."""
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous time. s(x, t, d) is the
+    average velocity over [t, t + d]; differentiating d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the path with
+    t + d fixed gives s = v + d (v . grad_x s + d_t s - d_d s), whose right side with v = x1 - x0 is the target (under
+    sg, unclipped). Queries by the authors' sampler `v1` in their time tau = 1 - t: tau_t ~ sigmoid(N(-0.6, 1.6)),
+    tau_r ~ sigmoid(N(-4, 1.6)) (times="uniform": U[0, 1]), tau_r = tau_t with probability 1 - ratio, then
+    tau_r = min(tau_t, tau_r): a jump from t = 1 - tau_t over d = tau_t - tau_r, ~30% of rows flow matching (d = 0,
+    put last). The registry holds the rest: loss power 0.75, a plain mean, t unscaled, d told continuously ("gap")."""
+    if not 0 <= ratio <= 1 or times not in ("logit-normal", "uniform"):
+        raise ValueError(f"ratio must be in [0, 1] and times 'logit-normal' or 'uniform', got {ratio}, {times!r}")
     B, dev = len(x1), x1.device
     x0 = draw_noise(x1, pair, y)
-    if times == "logit-normal":
-        tau_t, tau_r = torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev))
-    elif times == "uniform":
+    if times == "uniform":
         tau_t, tau_r = torch.rand(2, B, device=dev)
     else:
-        raise ValueError(f"times must be 'logit-normal' or 'uniform', got {times!r}")
+        tau_t, tau_r = torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev))
     tau_r = torch.minimum(tau_t, torch.where(torch.rand(B, device=dev) < 1 - ratio, tau_t, tau_r))
     rows = torch.argsort((tau_r == tau_t).int(), stable=True)
     x0, x1, y, t, d = x0[rows], x1[rows], None if y is None else y[rows], 1 - tau_t[rows], (tau_t - tau_r)[rows]
@@ -187,25 +165,20 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent
 
 
 def meanflow_target(net, x_t, t, d, v, y=None):
-    """sg[v + d (v . grad_x s + d_t s - d_d s)] at (x_t, t, d): one forward-mode JVP of the
-    network with tangent (v, 1, -1), outside autocast as the authors run it. The fused attention
-    kernels have no forward-mode rule, so attention runs on the math kernel."""
+    """sg[v + d (v . grad_x s + d_t s - d_d s)] at (x_t, t, d): one forward-mode JVP of the network with tangent
+    (v, 1, -1), outside autocast as the authors run it; attention on the math kernel, as fused ones have no JVP."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
         _, ds = torch.func.jvp(lambda x, t, d: net(x, t, d, y), (x_t, t, d),
                                (v, torch.ones_like(t), -torch.ones_like(d)))
     return v + bcast(d, v) * ds
 
 
-########## Beyond the paper: AMED, a learned solver for a flow model ###########
-
 class AMED(torch.nn.Module):
-    """AMED's step (Zhou et al., CVPR 2024) for a trained flow-matching model, the solver's answer to
-    a shortcut: an Euler step to u = t + r d, then the whole step with the velocity there,
-    x <- x + c d v(x_u, u), 2 evaluations per step. A tiny network predicts the time r in (0, 1)
-    and the scale c of each step from t, d and the RMS of x_t and of v(x_t, t); published AMED
-    reads the network's bottleneck features instead. It starts as the midpoint rule (r = 1/2,
-    c = 1), and `fit` trains it to land where 128 Euler steps of the flow land; the flow is only
-    read. Sample with sample(flow, x0, N, rule=amed.step)."""
+    """AMED's step (Zhou et al., CVPR 2024) for a trained flow model, the solver's answer to a shortcut: an Euler step
+    to u = t + r d, then the whole step with the velocity there, x <- x + c d v(x_u, u), 2 evaluations a step. A tiny
+    network predicts r in (0, 1) and the scale c of each step from t, d and the RMS of x_t and of v(x_t, t) (published
+    AMED reads the network's bottleneck features). It starts as the midpoint rule (r = 1/2, c = 1); `fit` trains it
+    to land where 128 Euler steps of the flow land, only reading the flow. Sample with sampler(amed.step)."""
 
     def __init__(self, width=32):
         super().__init__()
@@ -224,7 +197,8 @@ class AMED(torch.nn.Module):
     def fit(self, flow, x0, y=None, counts=(1, 2, 4), iters=400, batch=512, lr=1e-2):
         """Trains the predictor on noise x0 (n, ...) over every step of N = 1, 2 and 4 steps, from the
         fine solution at t to the fine solution at t + d. Returns the last loss."""
-        starts = sorted({i for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N)})
+        jumps = [(N, i) for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N)]     # every step of every N
+        starts = sorted({i for _, i in jumps})
         ones = torch.ones(len(x0), device=x0.device)
         with torch.no_grad():
             path = sample(flow, x0, MAX_STEPS, y, rule=velocity, trajectory=True)[1]       # (129, n, ...)
@@ -234,8 +208,7 @@ class AMED(torch.nn.Module):
             rows = torch.randint(len(x0), (min(batch, len(x0)),), device=x0.device)
             yb, one = None if y is None else y[rows], ones[rows]
             loss = sum((self.step(flow, path[i][rows], one * i / MAX_STEPS, one / N, yb, v=v[i][rows])
-                        - path[i + MAX_STEPS // N][rows]).pow(2).mean() / N
-                       for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N))
+                        - path[i + MAX_STEPS // N][rows]).pow(2).mean() / N for N, i in jumps)
             opt.zero_grad()
             loss.backward(inputs=list(self.net.parameters()))       # the flow's own .grad stays untouched
             opt.step()
@@ -251,9 +224,8 @@ def to_end(model, x, t, d, y=None, w=1.0):
 
 
 def multistep(model, x, t, d, y=None, w=1.0):
-    """The consistency models' multistep rule: predict the end x1_hat = x + (1 - t) s(x, t, 1 - t),
-    then go back to t + d along a fresh noise draw eps: (t + d) x1_hat + (1 - t - d) eps. If
-    x ~ p_t and x1_hat is exact, the new x ~ p_{t+d} exactly, for any N."""
+    """The consistency models' multistep rule: predict the end x1_hat = x + (1 - t) s(x, t, 1 - t), then go back
+    to t + d along fresh noise eps, (t + d) x1_hat + (1 - t - d) eps: ~ p_{t+d} if x ~ p_t and x1_hat is exact."""
     end = x + bcast(1 - t, x) * guided(model, x, t, 1 - t, y, w)
     return bcast(t + d, x) * end + bcast(1 - t - d, x) * torch.randn_like(x)
 
@@ -272,23 +244,22 @@ class Objective:
     d_embed: str = "level"     # how d is told (shortcut.Conditioning)
 
 
-def sampler(rule, off_grid=True):
-    return partial(sample, rule=rule, off_grid=off_grid)
+def sampler(rule):
+    """`sample` by `rule`: only the shortcut's jumps must keep to the training grid of d, other rules take any split."""
+    return partial(sample, rule=rule, off_grid=rule is not jump)
 
 
 OBJECTIVES = {
     "flow": Objective(flow_matching, sampler(velocity), "0"),
-    "shortcut": Objective(shortcut, sampler(jump, off_grid=False), "step"),
+    "shortcut": Objective(shortcut, sampler(jump), "step"),
     "consistency-training": Objective(consistency_training, sampler(multistep), "1 - t", t_scale=1.0),
-    "live-reflow": Objective(live_reflow, sampler(jump, off_grid=False), "step"),
+    "live-reflow": Objective(live_reflow, sampler(jump), "step"),
     "diffusion": Objective(diffusion, sampler(velocity), "0"),
     "consistency-distillation": Objective(consistency_distillation, sampler(to_end), "1 - t", two_phase=True,
                                           t_scale=1.0),
-    "progressive-distillation": Objective(progressive_distillation, sampler(jump, off_grid=False), "step",
-                                          two_phase=True),
+    "progressive-distillation": Objective(progressive_distillation, sampler(jump), "step", two_phase=True),
     "reflow": Objective(reflow, sampler(velocity), "0", two_phase=True),
-    "meanflow": Objective(meanflow, sampler(jump, off_grid=False), "step", loss_power=0.75, per_part=False,
-                          t_scale=1.0, d_embed="gap"),
+    "meanflow": Objective(meanflow, sampler(jump), "step", loss_power=0.75, per_part=False, t_scale=1.0, d_embed="gap"),
 }
 
 
@@ -300,9 +271,8 @@ def defaults(name, **settings):
 
 def options_of(name, settings):
     """The entries of `settings` (a run's record, say) that the builder of `name` takes."""
-    taken = [p.name for p in inspect.signature(OBJECTIVES[name].targets).parameters.values()
-             if p.kind == p.KEYWORD_ONLY]
-    return {k: v for k, v in settings.items() if k in taken and k not in ("teacher", "progress")}
+    taken = set(inspect.getfullargspec(OBJECTIVES[name].targets).kwonlyargs) - {"teacher", "progress"}
+    return {k: v for k, v in settings.items() if k in taken}
 
 
 def make_targets(name, model, x1, y=None, *, teacher=None, progress=0.0, **options):

@@ -1,7 +1,6 @@
 """Speed (train_images.py --benchmark): a training step of every objective of Table 1, and sampling, on random data.
 FLOPs are FlopCounterMode's over one eager step (forward, backward, MeanFlow's JVP); MFU is against the bf16 peak."""
 import copy
-import dataclasses
 import time
 
 import torch
@@ -54,9 +53,8 @@ def benchmark(run, args, cfg, device):
         model = DiT(cfg).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
         teacher = copy.deepcopy(model).requires_grad_(False) if OBJECTIVES[name].two_phase else None
-        opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay,
-                                fused=device.type in ("cuda", "cpu"))
-        options = options_of(name, {**dataclasses.asdict(run), "pair": "independent"})
+        opt = torch.optim.AdamW(model.parameters(), run.lr, weight_decay=run.weight_decay, fused=device.type != "mps")
+        options = options_of(name, {**vars(run), "pair": "independent"})
 
         def step(net):        # the training loop of train_images.py, without its bookkeeping
             x1, y = get_batch(data, labels, run.batch_size, info.flip)

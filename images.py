@@ -25,6 +25,7 @@ CIFAR_BATCH_MD5 = dict(zip([f"data_batch_{i}" for i in range(1, 6)], "c99cafc152
                            "634d18415352ddfa80567beed471001a 482c414d41f54cd18b22e5b47cb7c3cb".split()))
 Data = collections.namedtuple("Data", "size channels classes flip")   # size x size images; classes 0: unconditional
 DATA = {"digits": Data(8, 1, 10, False), "cifar10": Data(32, 3, 10, True), "celeba": Data(64, 3, 0, True)}
+fid_backend = functools.partial(importlib.util.find_spec, "pytorch_fid")   # FID as the official code, if installed
 
 
 def add_flags(a):
@@ -68,27 +69,24 @@ def load_cifar10(data_dir, download=False):
     where = folder if os.path.isdir(folder) else archive
     try:
         if where == folder:
-            xs, ys = zip(*(cifar_batch(read_file(pathlib.Path(folder, n)), n, os.path.join(folder, n))
-                           for n in CIFAR_BATCH_MD5))
+            xs, ys = zip(*(cifar_batch(n, os.path.join(folder, n)) for n in CIFAR_BATCH_MD5))
         else:
             check_md5(archive, CIFAR_MD5)
             with tarfile.open(archive, "r:gz") as tar:
-                xs, ys = zip(*(cifar_batch(tar.extractfile(f"cifar-10-batches-py/{n}").read(), n, f"{archive}:{n}")
+                xs, ys = zip(*(cifar_batch(n, f"{archive}:{n}", tar.extractfile(f"cifar-10-batches-py/{n}").read())
                                for n in CIFAR_BATCH_MD5))
     except OSError as e:          # the archive matched its md5, so only reading can fail
         raise UserError(f"cannot read {e.filename or where!r} ({e.strerror or e})") from None
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
-def read_file(path, limit=1 << 26):
-    """A regular file of at most `limit` bytes (a batch is 31 MB): a FIFO or /dev/zero is refused, not read for ever."""
-    refuse(not path.is_file() or path.stat().st_size > limit,
-           f"{str(path)!r} is not a CIFAR-10 batch file (a regular file of at most {limit >> 20} MB)")
-    return path.read_bytes()
-
-
-def cifar_batch(raw, name, where):
-    """Batch file `name` as uint8 data (n, 3072) and int64 labels in 0..9, unpickled only once it matches its md5."""
+def cifar_batch(name, where, raw=None):
+    """Batch `name`, the bytes `raw` or else the file `where` (regular and at most 64 MB: a FIFO or /dev/zero is not
+    read for ever), as uint8 data (n, 3072) and int64 labels in 0..9, unpickled only once it matches its md5."""
+    if raw is None:
+        refuse(not os.path.isfile(where) or os.path.getsize(where) > 1 << 26,
+               f"{where!r} is not a CIFAR-10 batch file (a regular file of at most 64 MB)")
+        raw = pathlib.Path(where).read_bytes()
     check_md5(where, CIFAR_BATCH_MD5[name], raw)
     try:
         batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
@@ -97,8 +95,7 @@ def cifar_batch(raw, name, where):
         raise UserError(f"{where!r} is not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
     refuse(not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072 and
                 y.dtype.kind in "iu" and y.shape == (len(x),) and (len(y) == 0 or 0 <= y.min() <= y.max() <= 9)),
-           f"{where!r} does not hold a CIFAR-10 batch: it needs uint8 data of shape (n, 3072) and n integer labels "
-           "in 0..9")
+           f"{where!r} does not hold a CIFAR-10 batch: uint8 data of shape (n, 3072) and n integer labels in 0..9")
     return x, y.astype(np.int64)
 
 
@@ -203,11 +200,6 @@ class DigitsJudge:
         return (self.features(x01) @ self.w[2] + self.w[3]).argmax(1)
 
 
-def fid_backend():
-    """pytorch-fid's Inception network, as the official code measures FID, if it is installed."""
-    return importlib.util.find_spec("pytorch_fid") is not None
-
-
 @functools.lru_cache(maxsize=1)
 def inception(device):
     from pytorch_fid.inception import InceptionV3
@@ -301,12 +293,11 @@ def evaluate(model, run, args, data):
     labels = y[:1000].cpu().numpy() if info.classes else np.zeros(0, np.int64)
     write_atomic(os.path.join(args.out, "samples.npz"),      # the first 1000 of each setting
                  lambda f: np.savez_compressed(f, labels=labels, **{k: v[:1000].numpy() for k, v in samples.items()}))
-    rows = min(info.classes or 8, n)         # a class per row, as the labels cycle
-    for N in args.eval_steps:
-        save_grid(os.path.join(args.out, f"grid_{N}.png"), samples[f"{name}_{N}"][:rows * min(10, n // rows)].numpy(),
-                  nrow=rows)
-    cols = torch.cat([samples[f"{name}_{N}"][:rows] for N in args.eval_steps]).numpy()
-    save_grid(os.path.join(args.out, "steps.png"), cols, nrow=rows, col_labels=[f"N={N}" for N in args.eval_steps])
+    ours, rows = [samples[f"{name}_{N}"] for N in args.eval_steps], min(info.classes or 8, n)   # a class per row
+    for N, x in zip(args.eval_steps, ours):
+        save_grid(os.path.join(args.out, f"grid_{N}.png"), x[:rows * min(10, n // rows)].numpy(), nrow=rows)
+    save_grid(os.path.join(args.out, "steps.png"), torch.cat([x[:rows] for x in ours]).numpy(), nrow=rows,
+              col_labels=[f"N={N}" for N in args.eval_steps])
     metrics = {"n_samples": n, "cfg_scale": args.cfg_scale}
     if run.dataset == "digits":
         judge = DigitsJudge(os.path.join(args.data_dir, "digits_judge.npz"))

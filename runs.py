@@ -1,5 +1,5 @@
-"""What the two training scripts share: run records and their flags, checkpoints, the lock on
-an output folder, signals, atomic writes and one-line errors."""
+"""What both training scripts share: run records and their flags, checkpoints, an output folder's lock, signals,
+atomic writes and one-line errors."""
 import argparse
 import contextlib
 import dataclasses
@@ -45,8 +45,7 @@ def first_line(e):
 
 
 def cli(main, oom_hint, argv=None):
-    """Runs a script's main(argv): Ctrl-C and SIGTERM stop it at once (a training loop defers
-    them, `deferred_stop`), and its errors become one line on stderr and an exit code."""
+    """Runs main(argv): Ctrl-C and SIGTERM stop it at once (a loop defers them); errors exit with one line on stderr."""
     def interrupt(number, _):
         name = signal.Signals(number).name
         raise Interrupted(f"{name}: stopped; what was saved before is whole", name)
@@ -57,14 +56,13 @@ def cli(main, oom_hint, argv=None):
     except (Interrupted, UserError, TrainingDiverged) as e:
         print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
         sys.exit(e.code if isinstance(e, Interrupted) else 2 if isinstance(e, UserError) else 1)
-    except (MemoryError, RuntimeError, OSError) as e:      # torch.OutOfMemoryError is a RuntimeError
-        if isinstance(e, OSError):                          # a full disk, an --out that is a file
-            message = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        elif isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
-            message = f"out of memory ({first_line(e)}); {oom_hint}"
-        else:
+    except OSError as e:                                    # a full disk, an --out that is a file
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:                # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e)):
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: out of memory ({first_line(e)}); {oom_hint}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -100,18 +98,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def setting(default, help, **flag):
-    """A field of a run record with the help and argparse options of its flag --NAME (or flag=...):
-    the one place where a setting and its check are defined."""
+    """A run record's field with the help and options of its flag --NAME (or flag=...): one place for both."""
     return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
 def add_settings(parser, record, default=None):
-    """A flag for each field of `record` made by `setting`; with default=argparse.SUPPRESS, a
-    flag that is not given leaves no attribute, so that the caller can tell it was not given."""
+    """A flag for each `setting` of `record`; with default=argparse.SUPPRESS, one not given sets no attribute."""
     for f in dataclasses.fields(record):
-        if "help" in f.metadata:
-            options = {"action": "store_true"} if f.type is bool else {}
-            options.update(f.metadata)                  # which may name a flag and an action of its own
+        if "help" in f.metadata:                        # which may name a flag and an action of their own
+            options = {**({"action": "store_true"} if f.type is bool else {}), **f.metadata}
             name = options.pop("flag", "--" + f.name.replace("_", "-"))
             parser.add_argument(name, dest=f.name, default=f.default if default is None else default, **options)
 
@@ -152,25 +147,22 @@ class Record:
 
 def valid(field, value):
     """Whether a saved value passes the check of its setting's flag."""
-    if field.type is bool:
-        return isinstance(value, bool)
-    try:
-        meta = field.metadata
-        return value in meta.get("choices", [value]) and meta.get("type", str)(str(value)) is not None
-    except (argparse.ArgumentTypeError, ValueError, TypeError):
-        return False
+    meta = field.metadata
+    with contextlib.suppress(argparse.ArgumentTypeError, ValueError, TypeError):
+        return (isinstance(value, bool) if field.type is bool
+                else value in meta.get("choices", [value]) and meta.get("type", str)(str(value)) is not None)
+    return False
 
 
 ######################### Checkpoints, the lock, files #########################
 
-def tensors(state, prefix=""):
+def tensors(state, name=""):
     """(name, tensor) for every floating-point tensor nested in dicts and lists."""
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
-    for k, v in items:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            yield f"{prefix}{k}", v
-        else:
-            yield from tensors(v, f"{prefix}{k}.")
+    if isinstance(state, torch.Tensor) and state.is_floating_point():
+        yield name, state
+    elif isinstance(state, (dict, list, tuple)):
+        for k, v in state.items() if isinstance(state, dict) else enumerate(state):
+            yield from tensors(v, f"{name}.{k}" if name else str(k))
 
 
 def load_checkpoint(path, record, flag, script):
@@ -203,28 +195,15 @@ def check_outputs(folder, name, record):
            "so): choose another --out, or remove them")
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno != errno.ESRCH       # EPERM: another user's process
-    return True
-
-
 @contextlib.contextmanager
 def claim(folder):
-    """Holds `folder` for one run. The file folder/run.lock carries the pid of the run that holds
-    it, under an flock that the kernel drops when that process dies: a lock left by a dead run is
-    taken over, with the temporary files of its writes, and one held by a live run is refused
-    (UserError). The file stays: removing it would let a second run lock a new one meanwhile."""
+    """Holds `folder` for one run: folder/run.lock carries the pid of the run that holds it, under an flock
+    that the kernel drops when that process dies, so that a dead run's lock is taken over, with its writes'
+    temporary files, and a live run's refused (UserError). It stays: else a second run could lock a new one."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "run.lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as e:
-        refuse(e.errno == errno.ELOOP, f"{path!r} is a symbolic link: a lock file is never followed; remove it")
-        raise
-    with os.fdopen(fd, "r+") as f:
+    refuse(os.path.islink(path), f"{path!r} is a symbolic link: a lock file is never followed; remove it")
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+") as f:
         if fcntl is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -233,24 +212,26 @@ def claim(folder):
                                 "it to finish or choose another folder") from None
         for tmp in glob.glob(os.path.join(glob.escape(folder), "*.*.tmp")):
             pid = tmp.rsplit(".", 2)[-2]
-            if pid.isdigit() and not alive(int(pid)):
-                os.remove(tmp)
+            try:
+                if pid.isdigit():
+                    os.kill(int(pid), 0)            # signal 0: only asks whether its writer lives
+            except OSError as e:
+                if e.errno == errno.ESRCH:          # it does not (EPERM: another user's, alive)
+                    os.remove(tmp)
         f.truncate(0)
         print(os.getpid(), file=f, flush=True)
         yield
 
 
 def write_atomic(path, write):
-    """write(f) fills a new temporary file f of this process's own beside `path` (np.savez,
-    torch.save, fig.savefig, ...), which then replaces `path` by a rename: a failed or
-    interrupted write (a full disk, Ctrl-C, kill -9) leaves the old file whole, two writers never
-    share a temporary file, and a link planted in its place is never followed."""
+    """write(f) fills a new temporary file f of this process's own beside `path` (np.savez, torch.save, ...),
+    which then replaces `path` by a rename: a failed or interrupted write (a full disk, Ctrl-C, kill -9) leaves
+    the old file whole, two writers never share a temporary file, and a link planted there is never followed."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)                       # a dead writer's with this pid, or a planted link
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644),
-                       "wb") as f:
+        with open(tmp, "xb") as f:               # O_CREAT | O_EXCL: never through a link
             write(f)
             f.flush()
             os.fsync(f.fileno())

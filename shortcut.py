@@ -25,9 +25,8 @@ flow matching is what ties the chain of levels to the data.
 
 Sampling. N = 2^k Euler steps of size d = 1/N, each told its d: x <- x + d s(x, t, d).
 
-Conventions: t = 0 is noise, t = 1 is data, N = 1/d; every network is called as
-model(x, t, d, y=None) with t, d, y of shape (B,). After the method come the networks (an MLP
-for 2-D data, a compact DiT) and where this code departs from the official code.
+Conventions: t = 0 is noise, t = 1 is data, N = 1/d; every network is called as model(x, t, d, y=None)
+with t, d, y of shape (B,). The file ends with where it departs from the official code.
 """
 import contextlib
 import math
@@ -36,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 MAX_STEPS = 128          # the finest step d = 1/128, the flow-matching level
 BOOTSTRAP_LEVELS = 7     # the self-consistency levels 2d = 1, 1/2, ..., 1/64 (8 levels in all, with 1/128)
@@ -76,9 +74,8 @@ def draw_noise(x1, pair="independent", y=None):
 
 
 def dyadic_steps(n, device, levels=BOOTSTRAP_LEVELS):
-    """n self-consistency queries (t, 2d): 2d = 2^-k for k = 0 .. levels-1, spread evenly over
-    the rows (from a random offset, so that a small batch still reaches every level within a
-    few steps), and t on the grid of multiples of 2d, so that t + 2d <= 1."""
+    """n self-consistency queries (t, 2d): 2d = 2^-k, k = 0 .. levels-1, spread evenly over the rows from a
+    random offset (so a small batch reaches every level in a few steps), t on the multiples of 2d (t + 2d <= 1)."""
     k = (torch.arange(n, device=device) + torch.randint(levels, (1,), device=device)) % levels
     d2 = 0.5 ** k.float()
     return torch.floor(torch.rand(n, device=device) * 2.0 ** k) * d2, d2
@@ -93,10 +90,9 @@ def uniform_steps(n, device, levels=BOOTSTRAP_LEVELS):
 ########################### The targets and the loss ###########################
 
 def two_jumps(net, x_t, t, d, y=None, clip=4.0):
-    """The right side of eq. 5, the target for one jump of 2d: (s(x_t, t, d) + s(x'_{t+d}, t+d, d)) / 2
-    with x'_{t+d} = x_t + d s(x_t, t, d). As in the official code, x' and the target are clipped to
-    +-clip: a half-trained network's jump can overshoot far, and one wild target would dominate
-    the MSE (clip=None: no clipping)."""
+    """The right side of eq. 5, the target for one jump of 2d: (s(x_t, t, d) + s(x'_{t+d}, t+d, d)) / 2.
+    As in the official code, x' and the target are clipped to +-clip (None: not at all): a half-trained
+    network's jump can overshoot far, and one wild target would dominate the MSE."""
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be positive (or None for no clipping), got {clip}")
     c = math.inf if clip is None else clip
@@ -128,7 +124,6 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
     if not 0.0 <= bootstrap_frac <= 1.0:
         raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
     B, n_sc = len(x1), round(bootstrap_frac * len(x1))
-
     # 1. The queries: 2d and t on its grid for the self-consistency rows; t ~ U[0, 1], d = 0 for the rest.
     x0 = draw_noise(x1, pair, y)
     draw = dyadic_steps if d_sampling == "dyadic" else uniform_steps
@@ -136,7 +131,6 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
     t = torch.cat([t_sc, torch.rand(B - n_sc, device=x1.device)])
     d = torch.cat([d2, torch.zeros(B - n_sc, device=x1.device)])
     x_t = interpolate(x0, x1, t)                                            # eq. 1
-
     # 2. Build the targets: v = x1 - x0 (eq. 4), and two jumps of d for one of 2d (eq. 5).
     target = x1 - x0
     if n_sc:
@@ -148,13 +142,12 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
 
 
 def regress(model, targets, loss_power=0.0, per_part=True):
-    """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the
-    bootstrap rows ("sc") and of the rest ("fm"), nan if none. Every objective trains through it.
-    loss_power = 0: the MSE over every element, so the parts weigh by their batch share (official).
-    p > 0: MeanFlow's adaptive weight, each row's summed squared error e divided by sg(e + 1e-3)^p,
-    then the plain mean (per_part=False, MeanFlow's authors) or, per_part=True, the weights
-    renormalised within each part: over the whole batch the bootstrap rows, whose errors are the
-    smallest, would take all the weight and fall to a trivial map such as s = 0."""
+    """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the bootstrap
+    rows ("sc") and of the rest ("fm"), nan if none. Every objective trains through it. loss_power = 0: the
+    MSE over every element, so the parts weigh by their batch share (official). p > 0: MeanFlow's adaptive
+    weight, each row's summed squared error e divided by sg(e + 1e-3)^p, then the plain mean (per_part=False,
+    MeanFlow's authors) or, per_part=True, the weights renormalised within each part: over the whole batch
+    the bootstrap rows, whose errors are the smallest, would take all the weight and fall to s = 0."""
     if not 0 <= loss_power < math.inf:
         raise ValueError(f"loss_power must be 0 (the MSE) or more, got {loss_power}")
     tg, n = targets, targets.n_boot
@@ -199,17 +192,15 @@ def velocity(model, x, t, d, y=None, w=1.0):
 
 @torch.no_grad()
 def sample(model, x0, steps, y=None, cfg_scale=1.0, *, rule=jump, off_grid=False, trajectory=False):
-    """x1 from noise x0 by x <- rule(model, x, t, d, y, cfg_scale) from t = 0 to 1, and with
-    trajectory=True the (N+1, *x0.shape) stack of the points visited. steps: N = 2^k steps of d =
-    1/N, or sizes such as [1/2, 1/4, 1/4] (step_sizes); off_grid allows any split, for a velocity
-    or a model trained with continuous d (exercise 6). rule: `jump` (default) or `velocity`;
-    baselines.py adds the consistency models' and AMED's. cfg_scale: w of guided()."""
+    """x1 from noise x0 by x <- rule(model, x, t, d, y, cfg_scale) from t = 0 to 1, and with trajectory=True
+    the (N+1, *x0.shape) stack of the points visited. steps: N = 2^k steps of d = 1/N, or sizes such as
+    [1/2, 1/4, 1/4] (step_sizes); off_grid allows any split, for a velocity or a model trained with
+    continuous d (exercise 6). rule: `jump` (default), `velocity` or one of baselines.py's. cfg_scale: guided()'s w."""
     if not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
-    x, t, path = x0, 0.0, [x0]
+    x, t, path, rows = x0, 0.0, [x0], (len(x0),)
     for d in step_sizes(steps, off_grid):
-        x = rule(model, x, torch.full((len(x0),), t, device=x0.device), torch.full((len(x0),), d, device=x0.device),
-                 y, cfg_scale)
+        x = rule(model, x, torch.full(rows, t, device=x0.device), torch.full(rows, d, device=x0.device), y, cfg_scale)
         t += d
         path.append(x)
     return (x, torch.stack(path)) if trajectory else x
@@ -236,9 +227,8 @@ def step_sizes(steps, off_grid=False):
 ########################## The networks: conditioning ##########################
 
 def step_level(d):
-    """The level log2(1/d): 0 for d = 1, 7 for d = 1/128, and 7 for any d below, d = 0 among them.
-    So the paper's d = 0 (the velocity) and the official flow-matching step 1/128 are one query:
-    128 shortcut steps are 128 Euler steps of the velocity."""
+    """The level log2(1/d): 0 for d = 1, 7 for d = 1/128 and any d below, so the paper's d = 0 (the velocity)
+    and the official flow-matching step 1/128 are one query: 128 shortcut steps are 128 velocity Euler steps."""
     return -torch.log2(d.clamp(min=1.0 / MAX_STEPS))
 
 
@@ -260,28 +250,26 @@ class SinusoidalEmbedder(nn.Module):
 
 class Conditioning(nn.Module):
     """c = t_emb(t) + d_emb(log2 1/d) + y_emb(y), y = num_classes the null class; t_scale multiplies t.
-    d_embed="end" (exercise 14) embeds the jump's end time t + d at t's scale instead of its level:
-    the same query in the coordinates of Consistency Trajectory Models. d_embed="gap" embeds d at
-    t's scale, as MeanFlow's authors embed t - r: continuous, so its target's d-derivative exists."""
+    d_embed="end" (exercise 14) embeds the jump's end time t + d at t's scale instead of its level, as
+    Consistency Trajectory Models do; "gap" embeds d at t's scale, as MeanFlow's authors embed t - r:
+    continuous, so its target's d-derivative exists."""
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
         if d_embed not in D_EMBEDS:
             raise ValueError(f"d_embed must be 'level', 'end' or 'gap', got {d_embed!r}")
         self.num_classes, self.d_embed = num_classes, d_embed
-        self.t_emb = SinusoidalEmbedder(width, scale=t_scale, freq_dim=freq_dim, mlp=mlp)
-        self.d_emb = SinusoidalEmbedder(width, scale=1.0 if d_embed == "level" else t_scale, freq_dim=freq_dim,
-                                        mlp=mlp)
+        self.t_emb = SinusoidalEmbedder(width, t_scale, freq_dim, mlp)
+        self.d_emb = SinusoidalEmbedder(width, 1.0 if d_embed == "level" else t_scale, freq_dim, mlp)
         self.y_emb = nn.Embedding(num_classes + 1, width) if num_classes else None
 
     def forward(self, t, d, y=None):
         s = d if self.d_embed == "gap" else step_level(d)
         c = self.t_emb(t) + self.d_emb(t + 2.0 ** -s if self.d_embed == "end" else s)
-        if self.y_emb is None:
-            if y is not None:
-                raise ValueError("this model has no classes (num_classes=0) but got labels y")
-            return c
-        return c + self.y_emb(torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y)
+        if self.y_emb is None and y is not None:
+            raise ValueError("this model has no classes (num_classes=0) but got labels y")
+        return c if self.y_emb is None else c + self.y_emb(
+            torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y)
 
 
 ########################## MLP for vectors (2-D toys) ##########################
@@ -336,14 +324,10 @@ def sincos_2d(width, grid):
     """Fixed 2-D sin-cos position embeddings, (grid*grid, width), as in MAE and DiT."""
     quarter = width // 4
     omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+    axis = torch.arange(grid, dtype=torch.float64)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
     parts = [f(pos.flatten()[:, None] * omega[None]) for pos in (xs, ys) for f in (torch.sin, torch.cos)]
     return torch.cat(parts, dim=1).float()
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
 
 
 class DiTBlock(nn.Module):
@@ -361,11 +345,11 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         B, T, C = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, None].chunk(6, dim=-1)
-        h = modulate(self.norm1(x), shift1, scale1)
+        h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)              # (B, heads, T, C/heads)
+        h = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, T, C/heads)
         x = x + gate1 * self.proj(h.transpose(1, 2).reshape(B, T, C))
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
 class DiT(nn.Module):
@@ -382,18 +366,14 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
         self.final = nn.Linear(cfg.width, p * p * cfg.channels)
-        self._init_weights()
-
-    def _init_weights(self):
-        for m in self.modules():
+        for m in self.modules():                                    # DiT's initialisation
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patchify.weight.view(self.cfg.width, -1))
         nn.init.zeros_(self.patchify.bias)
-        for layer in [*self.cond.t_emb.proj.modules(), *self.cond.d_emb.proj.modules()]:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
+        for layer in [*self.cond.t_emb.proj[::2], *self.cond.d_emb.proj[::2]]:     # the embedders' two Linears
+            nn.init.normal_(layer.weight, std=0.02)
         if self.cond.y_emb is not None:
             nn.init.normal_(self.cond.y_emb.weight, std=0.02)
         # adaLN-Zero: every residual branch and the output start at zero, so s = 0.
@@ -409,41 +389,36 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
-        h = self.final(modulate(self.final_norm(h), shift, scale))  # (B, T, p*p*C)
+        h = self.final(self.final_norm(h) * (1 + scale) + shift)    # (B, T, p*p*C)
         h = h.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(B, C, H, W)
 
 
 ####### Where this file follows the official code, and where it departs ########
-#
 # Follows:
-# * d enters as its level log2(1/d), by a sinusoidal embedder of its own, c = t_emb + d_emb
-#   + label_emb; flow matching is the finest level (step_level).
+# * d enters as its level log2(1/d), by a sinusoidal embedder of its own, c = t_emb + d_emb + label_emb;
+#   flow matching is the finest level (step_level).
 # * The bootstrap targets and the intermediate point are clipped to +-4 (two_jumps).
 # * The loss is the MSE over all elements, so the two parts weigh by their batch share.
-# * The DiT: fixed 2-D sin-cos positions, affine-free LayerNorm, tanh-GELU, a zero final
-#   layer, and a null class (index num_classes) for classifier-free guidance.
+# * The DiT: fixed 2-D sin-cos positions, affine-free LayerNorm, tanh-GELU, a zero final layer, and a null
+#   class (index num_classes) for classifier-free guidance.
 # * AdamW with weight decay 0.1 and an EMA of decay 0.999 (train_images.py).
 # Departs, each for the reason given:
-# * Flow-matching times are t ~ U[0, 1] (the paper), not the official grid {0..127}/128, on
-#   the plain path (1 - t) x0 + t x1 rather than the official (1 - (1 - 1e-5) t) x0 + t x1.
-# * t is scaled by t_scale = 1000 before its embedding, as in DiT and ADM; the official code
-#   feeds t in [0, 1] unscaled. Measured better on the toy (docs/RESULTS.md).
-# * The bootstrap levels are spread evenly over the bootstrap rows from a random offset; the
-#   official code's fixed split sends the whole bootstrap part of a small batch to level 0.
+# * Flow-matching times are t ~ U[0, 1] (the paper), not the official grid {0..127}/128, on the plain
+#   path (1 - t) x0 + t x1 rather than the official (1 - (1 - 1e-5) t) x0 + t x1.
+# * t is scaled by t_scale = 1000 before its embedding, as in DiT and ADM; the official code feeds t in
+#   [0, 1] unscaled. Measured better on the toy (docs/RESULTS.md).
+# * The bootstrap levels are spread evenly over the bootstrap rows from a random offset; the official
+#   code's fixed split sends the whole bootstrap part of a small batch to level 0.
 # * The block adaLN layers are zero-initialised too (adaLN-Zero, as in DiT): a fresh model gives 0.
-# * Attention scales q.k by 1/sqrt(d_head) (F.scaled_dot_product_attention); the official
-#   code scales by 1/d_head.
-# * bootstrap_frac defaults to 1/4 (the paper) rather than the official 1/8, and the targets
-#   come from the model itself unless a teacher (an EMA copy) is passed; the official default
-#   is the EMA, which lags badly in short runs (docs/EXERCISES.md, exercise 8).
-# * Classifier-free guidance inside the bootstrap targets (official, ImageNet only) is not done,
-#   and live reflow (baselines.py) makes its pairs without guidance (official: with it): the
-#   runs here sample at cfg_scale 1 unless told otherwise.
+# * Attention scales q.k by 1/sqrt(d_head) (scaled_dot_product_attention); the official code by 1/d_head.
+# * bootstrap_frac defaults to 1/4 (the paper; official: 1/8), and the model builds its own targets unless
+#   a teacher (an EMA copy) is passed: the official default, the EMA, lags badly in short runs (exercise 8).
+# * No classifier-free guidance inside the bootstrap targets (official: on ImageNet) nor in live
+#   reflow's pairs (baselines.py; official: with it): the runs here sample at cfg_scale 1 unless told.
 # * Label dropout reaches the bootstrap rows too; the official code keeps their labels.
-# * train_images.py clips the gradient norm at 1.0 (official: no clipping), warms the learning
-#   rate up over 5,000 steps (official: none) and the EMA up as min(decay, (1 + step) / (10 +
-#   step)) (official: constant): all three keep a fresh DiT-B stable and a short run's EMA worth
-#   sampling. --grad-clip inf --warmup 0 turn the first two off.
-# * Progressive distillation's next-stage teacher is the student, not its EMA (official): a
-#   short run's stage (430 steps on digits) is shorter than the EMA's horizon of 1,000 steps.
+# * train_images.py clips the gradient norm at 1.0, warms the lr up over 5,000 steps (200 on digits) and the
+#   EMA as min(decay, (1 + step) / (10 + step)) (official: none, none, constant), to keep a fresh DiT-B stable
+#   and a short run's EMA worth sampling; --grad-clip inf --warmup 0 turn the first two off.
+# * Progressive distillation's next-stage teacher is the student, not its EMA (official): a short
+#   run's stage (430 steps on digits) is shorter than the EMA's horizon of 1,000 steps.

@@ -68,9 +68,21 @@ DEFAULTS = {"digits": {}, "cifar10": dict(model="B", batch_size=256, steps=400_0
 FREE = "only --out, --save-every, the evaluation flags, --device and --compile may change"
 
 
-def the_run(argv=None):
-    """The flags, and the run record that they define or --resume restores, with the checkpoint's state and
-    the teacher's. Every flag and path is checked here, before anything is trained or written."""
+def save_checkpoint(path, run, model, ema, opt, step, teacher, world):
+    """The whole state of training; every process's random state goes in (all must call it)."""
+    rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rngs, rngs[0])
+        if torch.distributed.get_rank() > 0:
+            return
+    state = {"run": dataclasses.asdict(run), "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+             "opt": opt.state_dict(), "rng": rngs, **({"teacher": teacher.state_dict()} if teacher else {})}
+    write_atomic(path, lambda f: torch.save(state, f))      # PD's teacher changes from stage to stage
+
+
+def main(argv=None):
+    # The flags, and the run record that they define or --resume restores, with the checkpoint's state and the
+    # teacher's. Every flag and path is checked here, before anything is trained or written.
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings(p.add_argument_group(f"the run record (--resume restores it; {FREE})"), Run, default=argparse.SUPPRESS)
     a = p.add_argument
@@ -89,7 +101,7 @@ def the_run(argv=None):
     bench.add_flags(a)
     args = p.parse_args(argv)
     refuse(not usable.get(args.device, True), f"--device {args.device} was asked for but this torch cannot use it here")
-    args.device = torch.device(next(d for d, ok in usable.items() if ok) if args.device == "auto" else args.device)
+    device = torch.device(next(d for d, ok in usable.items() if ok) if args.device == "auto" else args.device)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Run) if f.name != "teacher"
              and hasattr(args, f.name)}
     refuse(args.sample_only and not args.resume, "--sample-only needs --resume PATH, the checkpoint to sample")
@@ -101,47 +113,31 @@ def the_run(argv=None):
     for name, value in given.items() if state else []:
         refuse(getattr(run, name) != value, f"--{name.replace('_', '-')} {value} contradicts {args.resume!r}, whose "
                f"run has {name} = {getattr(run, name)}: a resumed run keeps its record; {FREE}")
-    two_phase, size = OBJECTIVES[run.objective].two_phase, images.DATA[run.dataset].size
-    refuse(size % run.patch, f"--patch {run.patch} does not divide the {size}x{size} images")
+    two_phase, info = OBJECTIVES[run.objective].two_phase, images.DATA[run.dataset]
+    pd = run.objective == "progressive-distillation"
+    refuse(info.size % run.patch, f"--patch {run.patch} does not divide the {info.size}x{info.size} images")
     refuse(run.pair == "ot" and run.objective == "reflow", "--pair ot does not apply to reflow, paired by its teacher")
     refuse(run.ema_teacher and two_phase, f"--ema-teacher: {run.objective}'s targets come from its teacher")
-    refuse(args.cfg_scale != 1 and not images.DATA[run.dataset].classes, f"--cfg-scale: {run.dataset} has no classes")
+    refuse(args.cfg_scale != 1 and not info.classes, f"--cfg-scale: {run.dataset} has no classes")
     refuse(args.teacher and not two_phase, f"--teacher is for the two-phase objectives, not {run.objective}")
     refuse(two_phase and not (args.teacher or state or args.benchmark), f"--objective {run.objective} is two-phase: "
            "pass --teacher PATH, the checkpoint.pt of a flow-matching run (--objective flow --out out/flow)")
     taught = load_checkpoint(args.teacher, Run, "--teacher", "train_images.py") if args.teacher else None
     if taught:          # the student inherits its data, model and, for PD, how t and d are told
-        teacher = taught["run"]
-        same = ("dataset", "model", "patch") + ("t_scale", "d_embed") * (run.objective == "progressive-distillation")
-        faults = "".join(f", {k} {getattr(teacher, k)} (not {getattr(run, k)})" for k in same
-                         if getattr(teacher, k) != getattr(run, k)) + ", unfinished" * (taught["step"] < teacher.steps)
-        refuse(teacher.objective != "flow" or faults, f"--teacher {args.teacher} must be a finished flow-matching "
-               f"run with the student's {', '.join(same)}; its record says {teacher.objective}{faults}")
-        run = dataclasses.replace(run, teacher=teacher)
+        run = dataclasses.replace(run, teacher=taught["run"])
+        same = ("dataset", "model", "patch") + ("t_scale", "d_embed") * pd
+        faults = "".join(f", {k} {getattr(run.teacher, k)} (not {getattr(run, k)})" for k in same
+                         if getattr(run.teacher, k) != getattr(run, k))
+        faults += ", unfinished" * (taught["step"] < run.teacher.steps)
+        refuse(run.teacher.objective != "flow" or faults, f"--teacher {args.teacher} must be a finished flow-matching "
+               f"run with the student's {', '.join(same)}; its record says {run.teacher.objective}{faults}")
     folder = (os.path.dirname(args.resume) or ".") if args.resume else "out/images"
     args.out = args.out or (os.path.join(folder, "sampled") if args.sample_only else folder)
     refuse(args.sample_only and os.path.realpath(args.out) == os.path.realpath(folder),
            f"--sample-only writes its own files: choose an --out other than the run's folder {folder!r}")
     args.save_every = args.save_every or (1000 if run.dataset == "digits" else 5000)
     args.n_samples = args.n_samples or (1000 if run.dataset == "digits" else 10_000)
-    return args, run, state, taught
-
-
-def save_checkpoint(path, run, model, ema, opt, step, teacher, world):
-    """The whole state of training; every process's random state goes in (all must call it)."""
-    rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)] * world
-    if world > 1:
-        torch.distributed.all_gather_object(rngs, rngs[0])
-        if torch.distributed.get_rank() > 0:
-            return
-    state = {"run": dataclasses.asdict(run), "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-             "opt": opt.state_dict(), "rng": rngs, **({"teacher": teacher.state_dict()} if teacher else {})}
-    write_atomic(path, lambda f: torch.save(state, f))      # PD's teacher changes from stage to stage
-
-
-def main(argv=None):
-    args, run, state, taught = the_run(argv)
-    rank, world, device = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), args.device
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     with contextlib.ExitStack() as held:    # until the end: the process group, and the output folder (process 0)
         if world > 1:                       # under torchrun: one process per GPU (NCCL) or per CPU worker (gloo)
             if device.type == "cuda":
@@ -149,7 +145,6 @@ def main(argv=None):
                 torch.cuda.set_device(device)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
             held.callback(torch.distributed.destroy_process_group)
-        info = images.DATA[run.dataset]
         cfg = dit_config(run.model, img_size=info.size, channels=info.channels, patch=run.patch,
                          num_classes=info.classes, t_scale=run.t_scale, d_embed=run.d_embed)
         if args.benchmark:
@@ -174,7 +169,6 @@ def main(argv=None):
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                 fused=device.type in ("cuda", "cpu"))
-        two_phase, pd = OBJECTIVES[run.objective].two_phase, run.objective == "progressive-distillation"
         teacher = DiT(dataclasses.replace(cfg, t_scale=run.teacher.t_scale, d_embed=run.teacher.d_embed)).to(
             device).requires_grad_(False) if two_phase else None
         # A resumed run restores what it saved; a taught one starts its teacher (and PD's student) from its EMA.
@@ -200,7 +194,6 @@ def main(argv=None):
         # The loop. A builder of baselines.py draws the queries and targets; the network regresses them.
         options = options_of(run.objective, dataclasses.asdict(run))
         builds_targets = teacher if two_phase else ema if run.ema_teacher else None
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         total, n, t0 = torch.zeros((), device=device), 0, time.time()
         with deferred_stop() as requests:
             for step in range(start, end):
@@ -208,7 +201,7 @@ def main(argv=None):
                 if y is not None:       # label dropout to the null class, for classifier-free guidance
                     y = torch.where(torch.rand(len(y), device=device) < run.label_dropout, info.classes, y)
                 opt.param_groups[0]["lr"] = run.lr * min(1.0, (step + 1) / max(run.warmup, 1))   # then constant
-                with autocast:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     # the curricula move in stages: the stage's start keeps a compiled graph fixed
                     tg = make_targets(run.objective, net, x1, y, teacher=builds_targets,
                                       progress=stage(step / run.steps) / BOOTSTRAP_LEVELS, **options)

@@ -5,10 +5,9 @@
     python train_toy.py --objective consistency-training     # any objective of baselines.py
     python train_toy.py --table1             # every objective at one budget (< 3 minutes)
 
-Trains a model by --objective and a flow-matching baseline with the same network, budget and seed (the
-two-phase objectives learn from it), samples both with 1 to 128 steps from the same noise and writes to
---out: toy.md (the measures), .json, .npz (the samples), .png, exact.png (against the exact flow of the
-Gaussian mixture) and a checkpoint per model with its record (--table1: table1.*)."""
+Trains a model by --objective and a flow-matching baseline with the same network, budget and seed (two-phase objectives
+learn from it), samples both with 1 to 128 steps from the same noise and writes to --out: toy.md and .json (measures),
+.npz (samples), .png, exact.png (against the exact flow), each model's checkpoint and record (--table1: table1.*)."""
 import argparse
 import copy
 import dataclasses
@@ -149,9 +148,8 @@ def exact_errors(model, path, told="step"):
 
 
 def evaluate(models, x0, data, data_b, gm, path, seed=0):
-    """Samples of each model (name -> (objective or "amed", model)) from the same noise x0 and sampler seed, by NFE
-    (AMED takes 2 a step), and their measures; no exact error for AMED, nor for diffusion and reflow, which learn
-    other flows (the cosine path's; the teacher's coupling)."""
+    """Each model's samples (name -> (objective or "amed", model)) by NFE (AMED takes 2 a step) from the same noise x0
+    and sampler seed, and their measures; no exact error for AMED, diffusion (cosine path) or reflow (own coupling)."""
     samples = {}
     for name, (kind, m) in models.items():
         sampler, nfe, m = (B.sampler(m[0].step), 2, m[1]) if kind == "amed" else (B.OBJECTIVES[kind].sample, 1, m)
@@ -191,15 +189,12 @@ class Run(Record):
     ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
     times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
     grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
-    stop_grad: bool = setting(True, "exercise 4: gradients through targets", flag="--no-stop-grad",
-                              action="store_false")
+    stop_grad: bool = setting(True, "exercise 4: backprop through targets", flag="--no-stop-grad", action="store_false")
     d_sampling: str = setting("dyadic", "exercise 6: 2d on the grid or ~ U[1/64, 1]", choices=["dyadic", "uniform"])
     ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy, decay 0.999 (the official default)")
-    curriculum: bool = setting(True, "exercise 10: consistency training at its final step 1/64 throughout",
-                               flag="--no-curriculum", action="store_false")
+    curriculum: bool = setting(True, "exercise 10: a fixed step of 1/64", flag="--no-curriculum", action="store_false")
     d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "
-                           "(default: the objective's: level, meanflow's gap)",
-                           choices=D_EMBEDS)
+                           "(default: the objective's: level, meanflow's gap)", choices=D_EMBEDS)
     teacher: "Run | None" = None
 
 
@@ -318,12 +313,6 @@ def plot_exact(file, errors, models, path, history):
     from matplotlib import collections, colormaps, figure
     fig = figure.Figure(figsize=(4.3 * (1 + len(models) + bool(history)), 4), layout="tight")
     axes = fig.subplots(1, 1 + len(models) + bool(history))
-    for name, errs in errors.items():
-        if errs is not None:             # diffusion's cosine path has another flow map
-            axes[0].plot(STEP_COUNTS, [errs[n] for n in STEP_COUNTS], "o-", label=name)
-    axes[0].set(xscale="log", yscale="log", xlabel="step size d", ylabel="RMS error against the exact jump")
-    axes[0].set_xticks(STEP_COUNTS, [f"1/{n}" for n in STEP_COUNTS])
-    axes[0].legend(fontsize=7)
     if history:
         for i, n in enumerate(STEP_COUNTS):
             axes[-1].plot(list(history), [h[n] for h in history.values()], color=colormaps["viridis"](i / 7),
@@ -332,6 +321,8 @@ def plot_exact(file, errors, models, path, history):
         axes[-1].legend(fontsize=7, ncol=2)
     x0, exact = path[0, :300].float(), path[-1, :300].float()
     for i, (ax, (name, (obj, model))) in enumerate(zip(axes[1:], models.items())):
+        if errors[name] is not None:             # diffusion's cosine path has another flow map
+            axes[0].plot(STEP_COUNTS, [errors[name][n] for n in STEP_COUNTS], "o-", label=name)
         with torch.no_grad():
             jump = x0 + model(x0, torch.zeros(len(x0)), torch.full((len(x0),), float(B.OBJECTIVES[obj].told != "0")))
         ax.add_collection(collections.LineCollection(torch.stack([exact, jump], 1).numpy(), color="r", lw=0.4))
@@ -339,6 +330,9 @@ def plot_exact(file, errors, models, path, history):
         ax.scatter(*jump.T, s=4, color=f"C{i}", label="x0 + s(x0, 0, 1)")
         ax.set(aspect="equal", xticks=[], yticks=[], title=f"{name}: one step of size 1 (red: error)")
         ax.legend(loc="lower left", fontsize=7)
+    axes[0].set(xscale="log", yscale="log", xlabel="step size d", ylabel="RMS error against the exact jump")
+    axes[0].set_xticks(STEP_COUNTS, [f"1/{n}" for n in STEP_COUNTS])
+    axes[0].legend(fontsize=7)
     write_atomic(file, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
@@ -371,6 +365,7 @@ def parse_args(argv=None):
 
 
 FLOW = dict(objective="flow", pair="independent")
+file_name = functools.partial(re.sub, r"[^A-Za-z0-9-]+", "_")     # 'shortcut, robust loss' -> 'shortcut_robust_loss'
 TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [
     ("shortcut, robust loss", dict(objective="shortcut", loss_power=0.5)), ("AMED on flow", None)]
 SWEEP = [(f"bootstrap 1/{n}", dict(objective="shortcut", bootstrap_frac=1 / n)) for n in (16, 8, 4, 2)]
@@ -381,8 +376,7 @@ MEASURES = [("off_mode", "share of samples more than 3 sigma from every mode", "
 
 
 def main(argv=None):
-    """Every row's model for each seed, measured: STEM.md, .json, .npz, .png (the first seed's samples) and, for the
-    usual run, exact.png."""
+    """Every row's model for each seed, measured: STEM.md, .json, .npz, .png (of the first seed), toy: exact.png."""
     args = parse_args(argv)
     baseline = B.OBJECTIVES[args.objective].two_phase or not args.no_baseline and args.objective != "flow"
     stem = "table1" if args.table1 else "sweep" if args.sweep else "toy"
@@ -441,10 +435,6 @@ def replicate(args, rows, seed, path):
     samples, metrics = evaluate(models, x0, data, data_b, MIXTURES[args.dataset](), path, seed)
     metrics["train_seconds"] = {row: log["seconds"] for row, log in logs.items()}
     return models, logs[rows[0][0]].get("exact"), data, samples, metrics
-
-
-def file_name(row):          # 'shortcut, robust loss' -> 'shortcut_robust_loss'
-    return re.sub(r"[^A-Za-z0-9-]+", "_", row)
 
 
 def average(values):
