@@ -20,9 +20,6 @@ from shortcut import sample, step_sizes
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_BATCH_MD5 = dict(zip([f"data_batch_{i}" for i in range(1, 6)], "c99cafc152244af753f735de768cd75f "
-                           "d4bba439e000b95fd0a9bffe97cbabec 54ebc095f3ab1f0389bbae665268c751 "
-                           "634d18415352ddfa80567beed471001a 482c414d41f54cd18b22e5b47cb7c3cb".split()))
 Data = collections.namedtuple("Data", "size channels classes flip")   # size x size images; classes 0: unconditional
 DATA = {"digits": Data(8, 1, 10, False), "cifar10": Data(32, 3, 10, True), "celeba": Data(64, 3, 0, True)}
 fid_backend = functools.partial(importlib.util.find_spec, "pytorch_fid")   # FID as the official code, if installed
@@ -52,8 +49,9 @@ def load_digits():
 
 
 def load_cifar10(data_dir, download=False):
-    folder, archive = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
-    if not os.path.isdir(folder) and not os.path.isfile(archive):
+    """The python archive in data_dir (fetched with download): nothing in it is unpickled before its md5 matches."""
+    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    if not os.path.isfile(archive):
         refuse(os.path.isdir(data_dir) and not os.access(data_dir, os.R_OK | os.X_OK),
                f"cannot read the directory {data_dir!r} (permission denied)")
         refuse(not download, f"no CIFAR-10 in {data_dir!r}: put cifar-10-python.tar.gz there (from {CIFAR_URL}) or "
@@ -66,28 +64,18 @@ def load_cifar10(data_dir, download=False):
             raise UserError(f"could not download {CIFAR_URL} ({e}); fetch it by hand into {data_dir!r}") from None
         check_md5(archive + ".part", CIFAR_MD5)
         os.replace(archive + ".part", archive)
-    where = folder if os.path.isdir(folder) else archive
+    check_md5(archive, CIFAR_MD5)
     try:
-        if where == folder:
-            xs, ys = zip(*(cifar_batch(n, os.path.join(folder, n)) for n in CIFAR_BATCH_MD5))
-        else:
-            check_md5(archive, CIFAR_MD5)
-            with tarfile.open(archive, "r:gz") as tar:
-                xs, ys = zip(*(cifar_batch(n, f"{archive}:{n}", tar.extractfile(f"cifar-10-batches-py/{n}").read())
-                               for n in CIFAR_BATCH_MD5))
+        with tarfile.open(archive, "r:gz") as tar:
+            xs, ys = zip(*(cifar_batch(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}").read(),
+                                       f"{archive}:data_batch_{i}") for i in range(1, 6)))
     except OSError as e:          # the archive matched its md5, so only reading can fail
-        raise UserError(f"cannot read {e.filename or where!r} ({e.strerror or e})") from None
+        raise UserError(f"cannot read {e.filename or archive!r} ({e.strerror or e})") from None
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
-def cifar_batch(name, where, raw=None):
-    """Batch `name`, the bytes `raw` or else the file `where` (regular and at most 64 MB: a FIFO or /dev/zero is not
-    read for ever), as uint8 data (n, 3072) and int64 labels in 0..9, unpickled only once it matches its md5."""
-    if raw is None:
-        refuse(not os.path.isfile(where) or os.path.getsize(where) > 1 << 26,
-               f"{where!r} is not a CIFAR-10 batch file (a regular file of at most 64 MB)")
-        raw = pathlib.Path(where).read_bytes()
-    check_md5(where, CIFAR_BATCH_MD5[name], raw)
+def cifar_batch(raw, where):
+    """The bytes of batch file `where` as uint8 data (n, 3072) and int64 labels in 0..9."""
     try:
         batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
         x, y = batch[b"data"], np.asarray(batch[b"labels"])
@@ -110,43 +98,37 @@ class CifarUnpickler(pickle.Unpickler):
                                      "lists, strings and numbers")
 
 
-def check_md5(path, md5, raw=None):
-    """Refuses the bytes `raw`, else the file at `path`, unless their md5 is the published one."""
-    digest = hashlib.md5(pathlib.Path(path).read_bytes() if raw is None else raw).hexdigest()
+def check_md5(path, md5):
+    """Refuses the file at `path` unless its md5 is the published one."""
+    digest = hashlib.md5(pathlib.Path(path).read_bytes()).hexdigest()
     refuse(digest != md5, f"{path!r} has md5 {digest}, not the published {md5}: it is corrupt, truncated or altered, "
            "and nothing in it was unpickled; fetch CIFAR-10 again (--download into an empty --data-dir)")
 
 
 def load_celeba(data_dir, size=64):
-    from PIL import Image
-    cache = os.path.join(data_dir, f"celeba{size}.npy")
-    if os.path.isfile(cache):
-        try:
-            x = np.load(cache, allow_pickle=False)
-            if x.dtype == np.uint8 and x.shape[1:] == (3, size, size) and len(x):
-                return x, None
-            problem = f"holds {x.dtype} of shape {x.shape}, not uint8 (n, 3, {size}, {size})"
-        except (OSError, ValueError, EOFError) as e:
-            problem = f"is unreadable ({type(e).__name__}: {e})"
-        print(f"the cache {cache} {problem}: rebuilding it from the images", flush=True)
+    """The images of data_dir, center-cropped and resized, decoded once into data_dir/celebaSIZE.npz."""
     readable = os.path.isdir(data_dir) and os.access(data_dir, os.R_OK | os.X_OK)
     files = sorted(f for f in os.listdir(data_dir) if f.lower().endswith((".jpg", ".jpeg", ".png"))) if readable else []
     refuse(not files, f"no CelebA images in {data_dir!r}: download img_align_celeba.zip from the CelebA page (mmlab.ie."
            "cuhk.edu.hk/projects/CelebA.html), unzip it and pass --data-dir path/to/img_align_celeba")
-    x, t0 = np.empty((len(files), 3, size, size), np.uint8), time.time()
-    for i, name in enumerate(files):
-        try:
-            with Image.open(os.path.join(data_dir, name)) as im:
-                (w, h), s = im.size, min(im.size)
-                im = im.convert("RGB").crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
-                x[i] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"cannot read {name!r} in {data_dir!r} ({type(e).__name__}: {e}); remove it or re-extract "
-                            "the folder") from None
-        if i % 20000 == 0 and i:
-            print(f"  decoded {i}/{len(files)} images ({time.time() - t0:.0f}s)", flush=True)
-    save_cache(cache, lambda f: np.save(f, x))   # a read-only folder still keeps the decoded images
-    return x, None
+
+    def decode():
+        from PIL import Image
+        x, t0 = np.empty((len(files), 3, size, size), np.uint8), time.time()
+        for i, name in enumerate(files):
+            try:
+                with Image.open(os.path.join(data_dir, name)) as im:
+                    (w, h), s = im.size, min(im.size)
+                    im = im.convert("RGB").crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+                    x[i] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise UserError(f"cannot read {name!r} in {data_dir!r} ({type(e).__name__}: {e}); remove it or "
+                                "re-extract the folder") from None
+            if i % 20000 == 0 and i:
+                print(f"  decoded {i}/{len(files)} images ({time.time() - t0:.0f}s)", flush=True)
+        return [x]
+    shape = {"x": (len(files), 3, size, size)}
+    return cached(os.path.join(data_dir, f"celeba{size}.npz"), shape, "the cached CelebA images", decode)[0], None
 
 
 def load_dataset(name, data_dir, download=False):
@@ -235,17 +217,12 @@ def cached(path, shapes, what, compute):
             problem = f"is unreadable ({type(e).__name__})"
         print(f"{what} {path} {problem}: computing it afresh", flush=True)
     arrays = compute()
-    save_cache(path, lambda f: np.savez(f, **dict(zip(shapes, arrays))))
-    return arrays
-
-
-def save_cache(path, write):
-    """A cache is a convenience: failing to write one is reported and the run goes on."""
-    try:
+    try:                # a cache is a convenience: a read-only folder still gets its arrays
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_atomic(path, write)
+        write_atomic(path, lambda f: np.savez(f, **dict(zip(shapes, arrays))))
     except OSError as e:
         print(f"could not write the cache {path} ({e.strerror or e}); continuing without it", flush=True)
+    return arrays
 
 
 def save_grid(path, x01, nrow, col_labels=()):
@@ -265,8 +242,9 @@ def save_grid(path, x01, nrow, col_labels=()):
 
 
 def evaluate(model, run, args, data):
-    """Samples one noise by the objective's sampler, and by Euler with d = 0 (shortcut) or AMED (flow); writes grids
-    and samples.npz. Returns the digits' measures (FID, which may need a download, is fid_scores's) and the samples."""
+    """Samples one noise by the objective's sampler, and by Euler with d = 0 (shortcut) or the midpoint rule and AMED
+    (flow); writes grids and samples.npz. Returns the digits' measures (FID, which may need a download, is
+    fid_scores's) and the samples."""
     info, device, name, n = DATA[run.dataset], data.device, run.objective, args.n_samples
     shape, cuda = (info.channels, info.size, info.size), [device] if device.type == "cuda" else []
     x0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(run.seed + 1)).to(device)
@@ -274,6 +252,9 @@ def evaluate(model, run, args, data):
     settings = [(f"{name}_{N}", OBJECTIVES[name].sample, N) for N in args.eval_steps]
     if name == "shortcut":
         settings += [(f"velocity_{N}", OBJECTIVES["flow"].sample, N) for N in args.eval_steps if N < 128]
+    if name == "flow":          # the midpoint rule at 2 evaluations a step: AMED's predictor before its fit
+        settings += [(f"midpoint_{2 * N}", functools.partial(sample, rule=AMED().to(device).step, off_grid=True), N)
+                     for N in (1, 2, 4)]
     if name == "flow" and args.amed_iters:
         t0, k = time.time(), min(n, 2048)
         with torch.random.fork_rng(devices=cuda):
