@@ -1072,3 +1072,14 @@ def test_documented_numbers_match_their_results_files():
                 cell, mean, np.std([m[key][row][str(n)] for m in table1["per_seed"]], ddof=1), percent=percent), \
                 (row, n, cell)
         assert shows(cells[-1], table1["train_seconds"][row]), (row, cells[-1])
+    rows = table_after(os.path.join("docs", "RESULTS.md"), "**Digits, with the current code.**")
+    assert len(rows) == 3
+    for _, *cells, folders in rows:         # each row is the mean (± the standard deviation) over its folders
+        runs = [load(f"{folder.strip('`')}/metrics.json") for folder in folders.split(", ")]
+        values = {(n, key): [m[f"{m['run']['objective']}_{n}"][key] for m in runs]
+                  for n in (1, 2, 4, 8, 128) for key in ("fd", "accuracy")}
+        shown = [values[n, "fd"] for n in (1, 2, 4, 8, 128)] + [values[1, "accuracy"] + values[128, "accuracy"]]
+        for cell, vals in zip(cells, shown):
+            halves = [vals] if len(vals) == len(runs) else [vals[:len(runs)], vals[len(runs):]]
+            stats = [v for h in halves for v in ([np.mean(h), np.std(h, ddof=1)] if len(runs) > 1 else h)]
+            assert shows(cell, *stats), (folders, cell)
