@@ -64,7 +64,8 @@ def load_cifar10(data_dir, download=False):
             raise UserError(f"could not download {CIFAR_URL} ({e}); fetch it by hand into {data_dir!r}") from None
         check_md5(archive + ".part", CIFAR_MD5)
         os.replace(archive + ".part", archive)
-    check_md5(archive, CIFAR_MD5)
+    else:                       # a download was checked before it became the archive
+        check_md5(archive, CIFAR_MD5)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             xs, ys = zip(*(cifar_batch(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}").read(),
