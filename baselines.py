@@ -1,13 +1,12 @@
 """The other training objectives of the paper's Table 1, and two successors (MeanFlow, AMED), as target builders.
 
-Every row of Table 1 builds regression targets for one network s(x_t, t, d): a builder draws the queries for a batch
-of data x1 and says what s should answer there, as a `shortcut.Targets` that `shortcut.regress` fits. All share one
-signature, builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets, with `progress` in [0, 1]
-the share of training done (the curricula follow it, not a step count) and `teacher` the frozen flow-matching model
-of the two-phase objectives (for the others, an optional EMA copy that builds the targets in the model's place).
-Unlike the official code, which tells only shortcut and live reflow their d, every objective is told the d its target
-means, so one network and one sampler serve them all; the registry `OBJECTIVES` says how each one samples. Where the
-builders depart from the official ones is listed at the end of shortcut.py.
+Every row of Table 1 builds regression targets for one network s(x_t, t, d): a builder draws the queries for a batch of
+data x1 and says what s should answer there, as a `shortcut.Targets` that `shortcut.regress` fits. All share the
+signature builder(model, x1, y=None, *, teacher=None, progress=0.0, **options) -> Targets: `progress` in [0, 1] is the
+share of training done (the curricula follow it, not a step count), `teacher` the frozen flow-matching model of the
+two-phase objectives (for the others, an optional EMA copy to build the targets). Unlike the official code, which tells
+only shortcut and live reflow their d, every objective is told the d its target means, so one network and one sampler
+serve them all; `OBJECTIVES` says how each samples. Departures from the official builders: end of shortcut.py.
 """
 import inspect
 import math
@@ -46,8 +45,7 @@ def diffusion(model, x1, y=None, *, teacher=None, progress=0.0, pair="independen
     return Targets(a * x0 + b * x1, t, torch.zeros_like(t), y, math.pi / 2 * (a * x1 - b * x0))
 
 
-def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent",
-                         curriculum=True):
+def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", curriculum=True):
     """Consistency training (Song et al. 2023) as the official code builds it, over a curriculum that shrinks the
     step dt = 2^-k, k = floor(7 progress), from 1 to 1/64 (curriculum=False, an exercise: 1/64 throughout). With t
     on the multiples of dt and t2 = t + dt on the same (x0, x1) line, the network (or teacher) predicts the end
@@ -55,17 +53,15 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair=
     dt = 0.5 ** stage(progress if curriculum else 1.0)
     x0 = draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / dt) * dt
-    t2 = t + dt
+    x_t, t2 = interpolate(x0, x1, t), t + dt
     with torch.no_grad():
         x_t2 = interpolate(x0, x1, t2)
         end = x_t2 + bcast(1 - t2, x1) * (model if teacher is None else teacher)(x_t2, t2, 1 - t2, y)
-    x_t = interpolate(x0, x1, t)
     return Targets(x_t, t, 1 - t, y, (end - x_t) / bcast(1 - t, x1), len(x1))
 
 
 def stage(progress):
-    """The stage k = 0 .. 6 of the curricula at `progress`: consistency training's step is
-    2^-k, and progressive distillation's stage k trains the step 2^-(6-k)."""
+    """The curricula's stage k = 0 .. 6: consistency training's step 2^-k, progressive distillation's 2^-(6-k)."""
     return min(int(progress * BOOTSTRAP_LEVELS), BOOTSTRAP_LEVELS - 1)
 
 
@@ -75,13 +71,11 @@ def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independ
     at a random t on the line from x0 to x1_hat, told d = 1. The other rows are flow matching (paired by `pair`)."""
     if not 0 <= reflow_frac <= 1:
         raise ValueError(f"reflow_frac must be in [0, 1], got {reflow_frac}")
-    tg = flow_matching(model, x1, y, pair=pair)
-    n = round(reflow_frac * len(x1))
+    tg, n = flow_matching(model, x1, y, pair=pair), round(reflow_frac * len(x1))
     if n == 0:
         return tg
     x0, y_r = torch.randn_like(x1[:n]), None if y is None else y[:n]
-    with torch.no_grad():
-        x1_hat = sample(model if teacher is None else teacher, x0, PAIR_STEPS, y_r, rule=velocity)
+    x1_hat = sample(model if teacher is None else teacher, x0, PAIR_STEPS, y_r, rule=velocity)  # no_grad in sample()
     t = torch.rand(n, device=x1.device)
     return Targets(torch.cat([interpolate(x0, x1_hat, t), tg.x_t[n:]]), torch.cat([t, tg.t[n:]]),
                    torch.cat([torch.ones_like(t), tg.d[n:]]), y, torch.cat([x1_hat - x0, tg.target[n:]]), n)
@@ -131,16 +125,14 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     if pair != "independent":
         raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
-    with torch.no_grad():
-        x1_hat = sample(teacher, x0, PAIR_STEPS, y, rule=velocity)
+    x1_hat = sample(teacher, x0, PAIR_STEPS, y, rule=velocity)       # no_grad in sample()
     t = torch.rand(len(x1), device=x1.device)
     return Targets(interpolate(x0, x1_hat, t), t, torch.zeros_like(t), y, x1_hat - x0, len(x1))
 
 
 ######## Beyond the paper: MeanFlow (eq. 5 in continuous time) and AMED ########
 
-def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75,
-             times="logit-normal"):
+def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75, times="logit-normal"):
     """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous time. s(x, t, d) is the
     average velocity over [t, t + d]; differentiating d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the path with
     t + d fixed gives s = v + d (v . grad_x s + d_t s - d_d s), whose right side with v = x1 - x0 is the target (under
@@ -152,10 +144,8 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent
         raise ValueError(f"ratio must be in [0, 1] and times 'logit-normal' or 'uniform', got {ratio}, {times!r}")
     B, dev = len(x1), x1.device
     x0 = draw_noise(x1, pair, y)
-    if times == "uniform":
-        tau_t, tau_r = torch.rand(2, B, device=dev)
-    else:
-        tau_t, tau_r = torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev))
+    tau_t, tau_r = (torch.rand(2, B, device=dev) if times == "uniform" else
+                    torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev)))
     tau_r = torch.minimum(tau_t, torch.where(torch.rand(B, device=dev) < 1 - ratio, tau_t, tau_r))
     rows = torch.argsort((tau_r == tau_t).int(), stable=True)
     x0, x1, y, t, d = x0[rows], x1[rows], None if y is None else y[rows], 1 - tau_t[rows], (tau_t - tau_r)[rows]
@@ -198,11 +188,10 @@ class AMED(torch.nn.Module):
         """Trains the predictor on noise x0 (n, ...) over every step of N = 1, 2 and 4 steps, from the
         fine solution at t to the fine solution at t + d. Returns the last loss."""
         jumps = [(N, i) for N in counts for i in range(0, MAX_STEPS, MAX_STEPS // N)]     # every step of every N
-        starts = sorted({i for _, i in jumps})
         ones = torch.ones(len(x0), device=x0.device)
         with torch.no_grad():
             path = sample(flow, x0, MAX_STEPS, y, rule=velocity, trajectory=True)[1]       # (129, n, ...)
-            v = {i: guided(flow, path[i], ones * i / MAX_STEPS, 0 * ones, y, 1.0) for i in starts}
+            v = {i: guided(flow, path[i], ones * i / MAX_STEPS, 0 * ones, y, 1.0) for i in {i for _, i in jumps}}
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         for _ in range(iters):
             rows = torch.randint(len(x0), (min(batch, len(x0)),), device=x0.device)

@@ -3,7 +3,6 @@ import collections
 import functools
 import hashlib
 import importlib.util
-import io
 import os
 import pathlib
 import pickle
@@ -14,9 +13,9 @@ import urllib.request
 import numpy as np
 import torch
 
-from baselines import AMED, OBJECTIVES
+from baselines import AMED, OBJECTIVES, sampler
 from runs import UserError, as_count, checked, first_line, refuse, write_atomic
-from shortcut import sample, step_sizes
+from shortcut import step_sizes
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -66,26 +65,14 @@ def load_cifar10(data_dir, download=False):
         os.replace(archive + ".part", archive)
     else:                       # a download was checked before it became the archive
         check_md5(archive, CIFAR_MD5)
-    try:
+    try:                # the archive matched its md5: only reading can fail, or a crafted pickle's global
         with tarfile.open(archive, "r:gz") as tar:
-            xs, ys = zip(*(cifar_batch(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}").read(),
-                                       f"{archive}:data_batch_{i}") for i in range(1, 6)))
-    except OSError as e:          # the archive matched its md5, so only reading can fail
-        raise UserError(f"cannot read {e.filename or archive!r} ({e.strerror or e})") from None
-    return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
-
-
-def cifar_batch(raw, where):
-    """The bytes of batch file `where` as uint8 data (n, 3072) and int64 labels in 0..9."""
-    try:
-        batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        x, y = batch[b"data"], np.asarray(batch[b"labels"])
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as e:
-        raise UserError(f"{where!r} is not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    refuse(not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072 and
-                y.dtype.kind in "iu" and y.shape == (len(x),) and (len(y) == 0 or 0 <= y.min() <= y.max() <= 9)),
-           f"{where!r} does not hold a CIFAR-10 batch: uint8 data of shape (n, 3072) and n integer labels in 0..9")
-    return x, y.astype(np.int64)
+            batches = [CifarUnpickler(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}"), encoding="bytes").load()
+                       for i in range(1, 6)]
+    except (OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot read {archive!r} ({getattr(e, 'strerror', None) or e})") from None
+    return (np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32),
+            np.concatenate([b[b"labels"] for b in batches]).astype(np.int64))
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -112,10 +99,11 @@ def load_celeba(data_dir, size=64):
     files = sorted(f for f in os.listdir(data_dir) if f.lower().endswith((".jpg", ".jpeg", ".png"))) if readable else []
     refuse(not files, f"no CelebA images in {data_dir!r}: download img_align_celeba.zip from the CelebA page (mmlab.ie."
            "cuhk.edu.hk/projects/CelebA.html), unzip it and pass --data-dir path/to/img_align_celeba")
+    shape, cache = (len(files), 3, size, size), os.path.join(data_dir, f"celeba{size}.npz")
 
     def decode():
         from PIL import Image
-        x, t0 = np.empty((len(files), 3, size, size), np.uint8), time.time()
+        x, t0 = np.empty(shape, np.uint8), time.time()
         for i, name in enumerate(files):
             try:
                 with Image.open(os.path.join(data_dir, name)) as im:
@@ -128,8 +116,7 @@ def load_celeba(data_dir, size=64):
             if i % 20000 == 0 and i:
                 print(f"  decoded {i}/{len(files)} images ({time.time() - t0:.0f}s)", flush=True)
         return [x]
-    shape = {"x": (len(files), 3, size, size)}
-    return cached(os.path.join(data_dir, f"celeba{size}.npz"), shape, "the cached CelebA images", decode)[0], None
+    return cached(cache, {"x": shape}, "the cached CelebA images", decode)[0], None
 
 
 def load_dataset(name, data_dir, download=False):
@@ -243,9 +230,8 @@ def save_grid(path, x01, nrow, col_labels=()):
 
 
 def evaluate(model, run, args, data):
-    """Samples one noise by the objective's sampler, and by Euler with d = 0 (shortcut) or the midpoint rule and AMED
-    (flow); writes grids and samples.npz. Returns the digits' measures (FID, which may need a download, is
-    fid_scores's) and the samples."""
+    """Samples one noise by the objective's sampler, and by Euler at d = 0 (shortcut) or midpoint and AMED steps (flow),
+    into grids and samples.npz. Returns the digits' measures and samples; FID, which may download, is fid_scores's."""
     info, device, name, n = DATA[run.dataset], data.device, run.objective, args.n_samples
     shape, cuda = (info.channels, info.size, info.size), [device] if device.type == "cuda" else []
     x0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(run.seed + 1)).to(device)
@@ -254,8 +240,7 @@ def evaluate(model, run, args, data):
     if name == "shortcut":
         settings += [(f"velocity_{N}", OBJECTIVES["flow"].sample, N) for N in args.eval_steps if N < 128]
     if name == "flow":          # the midpoint rule at 2 evaluations a step: AMED's predictor before its fit
-        settings += [(f"midpoint_{2 * N}", functools.partial(sample, rule=AMED().to(device).step, off_grid=True), N)
-                     for N in (1, 2, 4)]
+        settings += [(f"midpoint_{2 * N}", sampler(AMED().to(device).step), N) for N in (1, 2, 4)]
     if name == "flow" and args.amed_iters:
         t0, k = time.time(), min(n, 2048)
         with torch.random.fork_rng(devices=cuda):
@@ -264,12 +249,12 @@ def evaluate(model, run, args, data):
             x0_fit = torch.randn(k, *shape, generator=torch.Generator().manual_seed(run.seed + 3)).to(device)
             amed.fit(model, x0_fit, None if y is None else y[:k], iters=args.amed_iters)
         print(f"fitted AMED's step predictor in {time.time() - t0:.1f}s", flush=True)
-        settings += [(f"amed_{2 * N}", functools.partial(sample, rule=amed.step, off_grid=True), N) for N in (1, 2, 4)]
+        settings += [(f"amed_{2 * N}", sampler(amed.step), N) for N in (1, 2, 4)]
     samples, t0 = {}, time.time()
-    for key, sampler, N in settings:
+    for key, draw, N in settings:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(run.seed + 2)        # the fresh noise of the multistep sampler
-            samples[key] = generate(sampler, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
+            samples[key] = generate(draw, model, x0, N, y, args.cfg_scale, args.eval_batch_size)
     print(f"sampled {n} images for each of {len(settings)} settings in {time.time() - t0:.1f}s"
           + (" (velocity_128 is shortcut_128: d = 0 is the finest level)" if name == "shortcut" else ""), flush=True)
     labels = y[:1000].cpu().numpy() if info.classes else np.zeros(0, np.int64)

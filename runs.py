@@ -13,6 +13,9 @@ import sys
 
 import torch
 
+from baselines import OBJECTIVES
+from shortcut import D_EMBEDS
+
 try:
     import fcntl
 except ImportError:      # Windows: no lock, so keep one run per folder by hand
@@ -124,14 +127,33 @@ def checked(kind, ok, need):
 as_count = checked(int, lambda v: 1 <= v <= 10 ** 9, "an integer from 1 to 10^9")
 as_share = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 as_positive = checked(float, lambda v: 0 < v < math.inf, "a finite number above 0")
-as_seed = checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)")
-as_power = checked(float, lambda v: 0 <= v <= 2, "in [0, 2]")
-as_t_scale = checked(float, lambda v: 0 < v <= 1e4, "in (0, 10^4]")
 
 
+@dataclasses.dataclass(frozen=True)
 class Record:
-    """A frozen dataclass of settings made by `setting`, and `teacher`, a two-phase run's teacher's
-    record. Saved with every model, so that resuming, sampling and teaching follow what was trained."""
+    """The settings that both scripts' runs share, made by `setting`; each script's Run adds its own. Saved with
+    every model, so that resuming, sampling and teaching follow what was trained; `teacher` is a two-phase run's
+    teacher's record."""
+    objective: str = setting("shortcut", "what the model trains on (default: shortcut)", choices=list(OBJECTIVES))
+    pair: str = setting("independent", "noise-data pairs: independent (default) or minibatch optimal transport",
+                        choices=["independent", "ot"])
+    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
+    seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)",
+                        type=checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"))
+    ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy (the official default)")
+    loss_power: float = setting(None, "p of the robust loss (default: the objective's)",
+                                type=checked(float, lambda v: 0 <= v <= 2, "in [0, 2]"))
+    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)",
+                             type=checked(float, lambda v: 0 < v <= 1e4, "in (0, 10^4]"))
+    d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "
+                           "(default: the objective's: level, meanflow's gap)", choices=D_EMBEDS)
+    teacher: "Record | None" = None
+
+    def __post_init__(self):
+        refuse(self.pair == "ot" and self.objective == "reflow", "--pair ot does not apply to reflow, whose pairs "
+               "come from its teacher")
+        refuse(self.ema_teacher and OBJECTIVES[self.objective].two_phase,
+               f"--ema-teacher: {self.objective}'s targets come from its teacher")
 
     @classmethod
     def load(cls, saved):

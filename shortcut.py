@@ -7,9 +7,8 @@ Path (flow matching, eq. 1). Noise x0 ~ N(0, I) at t = 0, data x1 at t = 1:
 
     x_t = (1 - t) x0 + t x1,        v = x1 - x0.
 
-Shortcut (eq. 3). One network s(x_t, t, d) is told the step size d and predicts the
-normalised jump over it, so that x_{t+d} ≈ x_t + d s(x_t, t, d). As d -> 0 the shortcut is
-the velocity, which flow matching trains (eq. 4):
+Shortcut (eq. 3). One network s(x_t, t, d) is told the step size d and predicts the normalised jump over it, so that
+x_{t+d} ≈ x_t + d s(x_t, t, d). As d -> 0 the shortcut is the velocity, which flow matching trains (eq. 4):
 
     L_FM = || s(x_t, t, 0) - (x1 - x0) ||².
 
@@ -18,10 +17,9 @@ Self-consistency (eq. 5). One jump of 2d equals two jumps of d:
     s(x_t, t, 2d) <- sg[ (s(x_t, t, d) + s(x'_{t+d}, t + d, d)) / 2 ],
     x'_{t+d} = x_t + d s(x_t, t, d),
 
-for 2d in {1, 1/2, ..., 1/64} and t on the grid of multiples of 2d; sg is the stop-gradient.
-The recursion is grounded: the finest target, 2d = 1/64, is built from two queries at
-d = 1/128, the flow-matching level. Eq. 5 alone is satisfied by trivial maps such as s = 0;
-flow matching is what ties the chain of levels to the data.
+for 2d in {1, 1/2, ..., 1/64} and t on the grid of multiples of 2d; sg is the stop-gradient. The recursion is grounded:
+the finest target, 2d = 1/64, is built from two queries at d = 1/128, the flow-matching level. Eq. 5 alone is satisfied
+by trivial maps such as s = 0; flow matching is what ties the chain of levels to the data.
 
 Sampling. N = 2^k Euler steps of size d = 1/N, each told its d: x <- x + d s(x, t, d).
 
@@ -115,12 +113,11 @@ class Targets:
 
 def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, clip=4.0, pair="independent",
                      grounded=True, stop_grad=True, d_sampling="dyadic"):
-    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1. The
-    first round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad by
-    `teacher` (an EMA copy, say) or else by `model`; the rest get flow-matching targets.
-    clip: two_jumps; pair: draw_noise. The last three keywords are the exercises' ablations:
-    grounded=False drops the 2d = 1/64 targets (so d = 1/64 is never supervised), stop_grad=False
-    lets gradients through the targets, d_sampling="uniform" draws 2d ~ U[1/64, 1] off the grid."""
+    """The queries and targets of the shortcut objective (eqs. 4-5) for a batch of data x1. The first
+    round(bootstrap_frac * B) rows get self-consistency targets, built under no_grad by `teacher` (an EMA copy, say)
+    or else by `model`; the rest get flow-matching targets. clip: two_jumps; pair: draw_noise. The last three keywords
+    are the exercises' ablations: grounded=False drops the 2d = 1/64 targets (so d = 1/64 is never supervised),
+    stop_grad=False lets gradients through the targets, d_sampling="uniform" draws 2d ~ U[1/64, 1] off the grid."""
     if not 0.0 <= bootstrap_frac <= 1.0:
         raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
     B, n_sc = len(x1), round(bootstrap_frac * len(x1))
@@ -142,12 +139,11 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
 
 
 def regress(model, targets, loss_power=0.0, per_part=True):
-    """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the bootstrap
-    rows ("sc") and of the rest ("fm"), nan if none. Every objective trains through it. loss_power = 0: the
-    MSE over every element, so the parts weigh by their batch share (official). p > 0: MeanFlow's adaptive
-    weight, each row's summed squared error e divided by sg(e + 1e-3)^p, then the plain mean (per_part=False,
-    MeanFlow's authors) or, per_part=True, the weights renormalised within each part: over the whole batch
-    the bootstrap rows, whose errors are the smallest, would take all the weight and fall to s = 0."""
+    """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the bootstrap rows ("sc")
+    and of the rest ("fm"), nan if none. loss_power = 0: the MSE over every element, so the parts weigh by their batch
+    share (official). p > 0: MeanFlow's adaptive weight, each row's summed squared error e over sg(e + 1e-3)^p, then the
+    plain mean (per_part=False, MeanFlow's authors) or, per_part=True, the weights renormalised within each part: over
+    the whole batch the bootstrap rows, with the smallest errors, would take all the weight and fall to s = 0."""
     if not 0 <= loss_power < math.inf:
         raise ValueError(f"loss_power must be 0 (the MSE) or more, got {loss_power}")
     tg, n = targets, targets.n_boot
@@ -250,9 +246,8 @@ class SinusoidalEmbedder(nn.Module):
 
 class Conditioning(nn.Module):
     """c = t_emb(t) + d_emb(log2 1/d) + y_emb(y), y = num_classes the null class; t_scale multiplies t.
-    d_embed="end" (exercise 14) embeds the jump's end time t + d at t's scale instead of its level, as
-    Consistency Trajectory Models do; "gap" embeds d at t's scale, as MeanFlow's authors embed t - r:
-    continuous, so its target's d-derivative exists."""
+    d_embed="end" (exercise 14) embeds the jump's end time t + d at t's scale, as Consistency Trajectory Models do;
+    "gap" embeds d at t's scale, as MeanFlow's authors embed t - r: continuous, so its target's d-derivative exists."""
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
@@ -288,8 +283,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out[1].bias)
 
     def forward(self, x, t, d, y=None):
-        c = self.cond(t, d, y)                      # (B, width)
-        h = self.inp(x)                             # (B, width)
+        c, h = self.cond(t, d, y), self.inp(x)      # (B, width) each
         for block in self.blocks:
             h = h + block(h + c)
         return self.out(h)                          # (B, dim)
@@ -390,24 +384,20 @@ class DiT(nn.Module):
             h = block(h, c)
         shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
         h = self.final(self.final_norm(h) * (1 + scale) + shift)    # (B, T, p*p*C)
-        h = h.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, C, H, W)
+        return h.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
 ####### Where this file follows the official code, and where it departs ########
 # Follows:
-# * d enters as its level log2(1/d), by a sinusoidal embedder of its own, c = t_emb + d_emb + label_emb;
-#   flow matching is the finest level (step_level).
+# * d enters as its level log2(1/d) (step_level), by a sinusoidal embedder of its own: c = t_emb + d_emb + y_emb.
 # * The bootstrap targets and the intermediate point are clipped to +-4 (two_jumps).
 # * The loss is the MSE over all elements, so the two parts weigh by their batch share.
-# * The DiT: fixed 2-D sin-cos positions, affine-free LayerNorm, tanh-GELU, a zero final layer, and a null
-#   class (index num_classes) for classifier-free guidance.
+# * DiT: fixed 2-D sin-cos positions, affine-free LayerNorm, tanh-GELU, zero final layer, CFG's null class num_classes.
 # * AdamW with weight decay 0.1 and an EMA of decay 0.999 (train_images.py).
 # Departs, each for the reason given:
 # * Flow-matching times are t ~ U[0, 1] (the paper), not the official grid {0..127}/128, on the plain
 #   path (1 - t) x0 + t x1 rather than the official (1 - (1 - 1e-5) t) x0 + t x1.
-# * t is scaled by t_scale = 1000 before its embedding, as in DiT and ADM; the official code feeds t in
-#   [0, 1] unscaled. Measured better on the toy (docs/RESULTS.md).
+# * t is embedded as 1000 t (t_scale), as in DiT and ADM (official: t in [0, 1]): measured better (docs/RESULTS.md).
 # * The bootstrap levels are spread evenly over the bootstrap rows from a random offset; the official
 #   code's fixed split sends the whole bootstrap part of a small batch to level 0.
 # * The block adaLN layers are zero-initialised too (adaLN-Zero, as in DiT): a fresh model gives 0.

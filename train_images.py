@@ -28,9 +28,9 @@ import bench
 from baselines import OBJECTIVES, defaults, make_targets, new_stage, options_of, stage
 import images
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, agreed_stop, as_count,
-                  as_positive, as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli,
-                  deferred_stop, first_line, load_checkpoint, refuse, setting, write_atomic)
-from shortcut import BOOTSTRAP_LEVELS, D_EMBEDS, DIT_SIZES, DiT, dit_config, ema_update, regress
+                  as_positive, as_share, check_outputs, checked, claim, cli, deferred_stop, first_line,
+                  load_checkpoint, refuse, setting, write_atomic)
+from shortcut import BOOTSTRAP_LEVELS, DIT_SIZES, DiT, dit_config, ema_update, regress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +39,6 @@ class Run(Record):
     dataset: str = setting("digits", "digits (8x8, CPU; default), cifar10 or celeba", choices=list(images.DATA))
     model: str = setting("XS", "DiT size (default: XS for digits, B otherwise)", choices=list(DIT_SIZES))
     patch: int = setting(2, "patch size (default: 2; 4 for celeba)", type=as_count)
-    objective: str = setting("shortcut", "what it trains on (default: shortcut)", choices=list(OBJECTIVES))
-    pair: str = setting("independent", "noise-data pairs: independent (default) or minibatch optimal transport",
-                        choices=["independent", "ot"])
-    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
     lr: float = setting(2e-3, "peak AdamW lr (default: 2e-3 for digits, 1e-4 otherwise, official)", type=as_positive)
     warmup: int = setting(200, "lr warmup steps (default: 200 for digits, 5000 otherwise; official: 0)",
                           type=checked(int, lambda v: 0 <= v <= 10 ** 9, "from 0 to 10^9"))
@@ -54,13 +50,7 @@ class Run(Record):
     batch_size: int = setting(128, "the global batch (default: 128 digits, 256 cifar10, 64 celeba)", type=as_count)
     ema: float = setting(0.999, "EMA decay (default: 0.999, official)",
                          type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
-    ema_teacher: bool = setting(False, "build the targets with the EMA weights (the official default)")
     label_dropout: float = setting(0.1, "share of labels replaced by the null class (default: 0.1)", type=as_share)
-    seed: int = setting(0, "random seed (default: 0)", type=as_seed)
-    loss_power: float = setting(None, "p of shortcut.regress's robust loss (default: the objective's)", type=as_power)
-    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_t_scale)
-    d_embed: str = setting(None, "how d is told (default: the objective's)", choices=D_EMBEDS)
-    teacher: "Run | None" = None
 
 
 DEFAULTS = {"digits": {}, "cifar10": dict(model="B", batch_size=256, steps=400_000, lr=1e-4, warmup=5000),
@@ -116,8 +106,6 @@ def main(argv=None):
     two_phase, info = OBJECTIVES[run.objective].two_phase, images.DATA[run.dataset]
     pd = run.objective == "progressive-distillation"
     refuse(info.size % run.patch, f"--patch {run.patch} does not divide the {info.size}x{info.size} images")
-    refuse(run.pair == "ot" and run.objective == "reflow", "--pair ot does not apply to reflow, paired by its teacher")
-    refuse(run.ema_teacher and two_phase, f"--ema-teacher: {run.objective}'s targets come from its teacher")
     refuse(args.cfg_scale != 1 and not info.classes, f"--cfg-scale: {run.dataset} has no classes")
     refuse(args.teacher and not two_phase, f"--teacher is for the two-phase objectives, not {run.objective}")
     refuse(two_phase and not (args.teacher or state or args.benchmark), f"--objective {run.objective} is two-phase: "

@@ -23,9 +23,9 @@ import torch
 
 import baselines as B
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, as_count, as_positive,
-                  as_power, as_seed, as_share, as_t_scale, check_outputs, checked, claim, cli, deferred_stop,
-                  load_checkpoint, refuse, setting, write_atomic)
-from shortcut import D_EMBEDS, MAX_STEPS, MLP, ema_update, regress
+                  as_share, check_outputs, checked, claim, cli, deferred_stop, load_checkpoint, refuse, setting,
+                  write_atomic)
+from shortcut import MAX_STEPS, MLP, ema_update, regress
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -43,8 +43,10 @@ class GaussianMixture:
         self.lam, self.U = torch.linalg.eigh(self.cov)          # mu, lam (K, D); cov, U (K, D, D)
 
     def sample(self, n, rng):
+        """n points (float32), drawn by the numpy Generator rng."""
         k, z = rng.choice(len(self.pi), size=n, p=self.pi.numpy()), rng.standard_normal((n, self.mu.shape[1]))
-        return self.mu.numpy()[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(self.cov.numpy())[k], z)
+        x = self.mu.numpy()[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(self.cov.numpy())[k], z)
+        return x.astype(np.float32)
 
     def mahalanobis(self, x):
         """Squared Mahalanobis distances (n, K) of points x (n, D) from each component."""
@@ -101,11 +103,6 @@ def mixture_paths(dataset, n=512):
 
 
 ############################ Datasets and measures #############################
-
-def sample_data(name, n, rng):
-    """n points (float32) of a named mixture: `ring` (8 Gaussians) or `mixture` (4 skewed ones)."""
-    return MIXTURES[name]().sample(n, rng).astype(np.float32)
-
 
 def sliced_w2(a, b, n_proj=512, seed=0):
     """Sliced Wasserstein-2 distance between two equal-sized point clouds."""
@@ -175,27 +172,17 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
 class Run(Record):
     """Every setting of a toy model, each with its flag; a checkpoint holds it (and its teacher's), --reuse compares."""
     dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
-    objective: str = setting("shortcut", "what the model trains on (default: shortcut)", choices=list(B.OBJECTIVES))
-    pair: str = setting("independent", "noise-data pairs: independent (default) or ot", choices=["independent", "ot"])
     width: int = setting(128, "MLP width (default: 128)", type=as_count)
     depth: int = setting(3, "MLP residual blocks (default: 3)", type=as_count)
     steps: int = setting(None, "training steps per model (default: 4000; 1600 with --table1)", type=as_count)
     batch_size: int = setting(512, "batch size (default: 512)", type=as_count)
     lr: float = setting(4e-3, "peak AdamW learning rate, cosine decay (default: 4e-3)", type=as_positive)
-    bootstrap_frac: float = setting(0.25, "share of each batch with self-consistency targets", type=as_share)
-    seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)", type=as_seed)
-    loss_power: float = setting(None, "p of the robust loss (default: the objective's)", type=as_power)
-    t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)", type=as_t_scale)
     ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
     times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
     grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
     stop_grad: bool = setting(True, "exercise 4: backprop through targets", flag="--no-stop-grad", action="store_false")
     d_sampling: str = setting("dyadic", "exercise 6: 2d on the grid or ~ U[1/64, 1]", choices=["dyadic", "uniform"])
-    ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy, decay 0.999 (the official default)")
     curriculum: bool = setting(True, "exercise 10: a fixed step of 1/64", flag="--no-curriculum", action="store_false")
-    d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "
-                           "(default: the objective's: level, meanflow's gap)", choices=D_EMBEDS)
-    teacher: "Run | None" = None
 
 
 def record(args, **changes):
@@ -357,10 +344,8 @@ def parse_args(argv=None):
     rows = "--table1" if args.table1 else "--sweep" if args.sweep else None
     refuse(rows and args.objective != "shortcut", f"--objective: {rows} trains its own rows")
     refuse(args.sweep and args.bootstrap_frac != 0.25, "--bootstrap-frac: --sweep sets it row by row")
-    refuse(args.pair == "ot" and (args.table1 or args.objective == "reflow"), "--pair ot does not apply to reflow, "
-           "whose pairs come from its teacher")
-    refuse(args.ema_teacher and (args.table1 or B.OBJECTIVES[args.objective].two_phase),
-           "--ema-teacher: a two-phase objective's targets come from its teacher")
+    refuse(args.table1 and (args.pair == "ot" or args.ema_teacher), "--table1: --pair ot and --ema-teacher do not "
+           "apply to reflow and the two-phase objectives, whose targets come from their teacher")
     return args
 
 
@@ -383,13 +368,13 @@ def main(argv=None):
     stem = "table1" if args.table1 else "sweep" if args.sweep else "toy"
     rows = {"table1": TABLE1, "sweep": SWEEP, "toy": [(args.objective, {})] + [("flow", FLOW)] * baseline}[stem]
     counts, seeds = [1, 2, 4, 8, 128] if stem == "toy" else [1, 4, 128], range(args.seed, args.seed + args.seeds)
-    out = functools.partial(os.path.join, args.out)
+    out, run = functools.partial(os.path.join, args.out), dataclasses.asdict(record(args))
     with claim(args.out):
-        check_outputs(args.out, f"{stem}.json", dataclasses.asdict(record(args)))
+        check_outputs(args.out, f"{stem}.json", run)
         start, path = time.time(), mixture_paths(args.dataset)
         runs = [replicate(args, rows, seed, path) for seed in seeds]
         (models, history, data, samples, _), per_seed = runs[0], [r[-1] for r in runs]
-        metrics = {"run": dataclasses.asdict(record(args)), "seeds": list(seeds), **average(per_seed),
+        metrics = {"run": run, "seeds": list(seeds), **average(per_seed),
                    **({"per_seed": per_seed} if len(runs) > 1 else {})}
         if stem == "toy":
             plot_exact(out("exact.png"), per_seed[0]["exact_error"], models, path, history)
@@ -409,8 +394,8 @@ def main(argv=None):
 def replicate(args, rows, seed, path):
     """One seed: its models, the first row's errors during training (--track-exact), the data, the samples and their
     measures. The flow row's model is also the teacher of the two-phase rows and AMED's flow."""
-    rng = np.random.default_rng(seed)
-    train_data, data, data_b = (sample_data(args.dataset, n, rng) for n in (100_000, args.n_samples, args.n_samples))
+    rng, gm = np.random.default_rng(seed), MIXTURES[args.dataset]()
+    train_data, data, data_b = (gm.sample(n, rng) for n in (100_000, args.n_samples, args.n_samples))
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     suffix, flow, teacher = f"_seed{seed}" * (seed != args.seed), record(args, seed=seed, **FLOW), None
     models, logs = {}, {}
@@ -434,7 +419,7 @@ def replicate(args, rows, seed, path):
             args, dataclasses.replace(run, teacher=flow if two_phase else None), file_name(row) + suffix, train_data,
             teacher[0] if two_phase else None, track)
         models[row] = (run.objective, model)
-    samples, metrics = evaluate(models, x0, data, data_b, MIXTURES[args.dataset](), path, seed)
+    samples, metrics = evaluate(models, x0, data, data_b, gm, path, seed)
     metrics["train_seconds"] = {row: log["seconds"] for row, log in logs.items()}
     return models, logs[rows[0][0]].get("exact"), data, samples, metrics
 
