@@ -48,7 +48,7 @@ def benchmark(run, args, cfg, device):
     print(f"benchmark on {gpu}: DiT-{run.model}/{run.patch} at {info.size}x{info.size}x{info.channels}, "
           f"batch {run.batch_size}, {'bf16 autocast' if cuda else 'fp32'}{', compiled' if args.compile else ''}, "
           f"{args.bench_steps} timed steps after {warmup} warm-up; peak {peak or 'unknown'} TFLOP/s dense bf16")
-    print(f"  {'objective':26s}{'img/s':>10s}{'ms/step':>10s}{'vs flow':>9s}{'TFLOP/s':>10s}{'MFU':>8s}")
+    print(f"  {'objective':26s}{'img/s':>10s}{'ms/step':>10s}{'vs flow':>9s}{'GFLOP':>9s}{'TFLOP/s':>10s}{'MFU':>8s}")
     for name in OBJECTIVES:
         model = DiT(cfg).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -68,7 +68,7 @@ def benchmark(run, args, cfg, device):
             step(model)          # the math kernel spells attention as matmuls, which every device counts
         net = torch.compile(model) if args.compile else model
         times[name] = dt, flops = timed(lambda: step(net), warmup, args.bench_steps, device), counter.get_total_flops()
-        print(f"  {name:26s}{run.batch_size / dt:10.0f}{dt * 1e3:10.2f}{dt / times['flow'][0]:9.3f}"
+        print(f"  {name:26s}{run.batch_size / dt:10.0f}{dt * 1e3:10.2f}{dt / times['flow'][0]:9.3f}{flops / 1e9:9.2f}"
               f"{flops / dt / 1e12:10.3g} " + (f"{flops / dt / 1e12 / peak:7.1%}" if peak else "    n/a"), flush=True)
     x0 = torch.randn(args.eval_batch_size, *shape[1:], device=device, generator=g)
     y = torch.arange(args.eval_batch_size, device=device) % info.classes if info.classes else None
