@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, draw_noise, guided, interpolate, jump, sample,
-                      shortcut_targets, velocity)
+from shortcut import (BOOTSTRAP_LEVELS, MAX_STEPS, Targets, bcast, draw_noise, guided, interpolate, jump, require,
+                      sample, shortcut_targets, velocity)
 
 PAIR_STEPS = 8     # Euler steps that make a (live) reflow pair: the official live reflow's
 
@@ -50,8 +50,7 @@ def consistency_training(model, x1, y=None, *, teacher=None, progress=0.0, pair=
     step dt = 2^-k, k = floor(7 progress), from 1 to 1/64 (curriculum=False, an exercise: 1/64 throughout). With t
     on the multiples of dt and t2 = t + dt on the same (x0, x1) line, the network (or teacher) predicts the end
     point x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]."""
-    dt = 0.5 ** stage(progress if curriculum else 1.0)
-    x0 = draw_noise(x1, pair, y)
+    dt, x0 = 0.5 ** stage(progress if curriculum else 1.0), draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / dt) * dt
     x_t, t2 = interpolate(x0, x1, t), t + dt
     with torch.no_grad():
@@ -65,13 +64,11 @@ def stage(progress):
     return min(int(progress * BOOTSTRAP_LEVELS), BOOTSTRAP_LEVELS - 1)
 
 
-def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", reflow_frac=1 / 8):
-    """Live reflow (the paper's own one-phase alternative). A reflow_frac share of the rows: the model (or
+def live_reflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent"):
+    """Live reflow (the paper's own one-phase alternative). An eighth of the rows, as officially: the model (or
     teacher) maps fresh noise x0 to x1_hat with 8 Euler steps of its velocity, and s(x_t, t, 1) <- sg[x1_hat - x0]
     at a random t on the line from x0 to x1_hat, told d = 1. The other rows are flow matching (paired by `pair`)."""
-    if not 0 <= reflow_frac <= 1:
-        raise ValueError(f"reflow_frac must be in [0, 1], got {reflow_frac}")
-    tg, n = flow_matching(model, x1, y, pair=pair), round(reflow_frac * len(x1))
+    tg, n = flow_matching(model, x1, y, pair=pair), round(len(x1) / 8)
     if n == 0:
         return tg
     x0, y_r = torch.randn_like(x1[:n]), None if y is None else y[:n]
@@ -87,8 +84,7 @@ def consistency_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     """Consistency distillation (Song et al. 2023). t on the grid {0..127}/128; the frozen flow-matching teacher
     takes one Euler step of h = 1/128 from x_t to x_t2 (clipped to +-clip, as officially), the network predicts the
     end point x1_hat = x_t2 + (1 - t2) s(x_t2, t2, 1 - t2), and s(x_t, t, 1 - t) <- sg[(x1_hat - x_t) / (1 - t)]."""
-    h = 1.0 / MAX_STEPS
-    x0 = draw_noise(x1, pair, y)
+    h, x0 = 1.0 / MAX_STEPS, draw_noise(x1, pair, y)
     t = torch.randint(MAX_STEPS, (len(x1),), device=x1.device) * h
     x_t, t2 = interpolate(x0, x1, t), t + h
     with torch.no_grad():
@@ -102,8 +98,7 @@ def progressive_distillation(model, x1, y=None, *, teacher, progress=0.0, clip=4
     (1/64 first, 1 last) on t in the multiples of d, told d, with eq. 5's target from two teacher jumps of d/2,
     s(x_t, t, d) <- sg[(s1 + s2) / 2], clipping only the intermediate point as officially. The loop starts the
     student as the flow-matching teacher and copies it into the teacher at each new stage (`new_stage`)."""
-    d = 0.5 ** (BOOTSTRAP_LEVELS - 1 - stage(progress))
-    x0 = draw_noise(x1, pair, y)
+    d, x0 = 0.5 ** (BOOTSTRAP_LEVELS - 1 - stage(progress)), draw_noise(x1, pair, y)
     t = torch.floor(torch.rand(len(x1), device=x1.device) / d) * d
     x_t, h = interpolate(x0, x1, t), torch.full_like(t, d / 2)
     with torch.no_grad():
@@ -122,8 +117,7 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
     x1_hat = ODE(x0) (8 Euler steps), and a new model is flow-matched on the coupled pairs, s(x_t, t, 0) <-
     x1_hat - x0, whose straighter paths take fewer steps. The data batch x1 only sets the batch size: reflow sees
     data through its teacher, whose map is already its coupling, so pair="ot" has nothing to re-pair: refused."""
-    if pair != "independent":
-        raise ValueError("reflow couples noise with its teacher's ODE image of it: pair='ot' has nothing to re-pair")
+    require(pair == "independent", "reflow pairs noise with its teacher's ODE image: pair='ot' has nothing to re-pair")
     x0 = torch.randn_like(x1)
     x1_hat = sample(teacher, x0, PAIR_STEPS, y, rule=velocity)       # no_grad in sample()
     t = torch.rand(len(x1), device=x1.device)
@@ -132,20 +126,18 @@ def reflow(model, x1, y=None, *, teacher, progress=0.0, pair="independent"):
 
 ######## Beyond the paper: MeanFlow (eq. 5 in continuous time) and AMED ########
 
-def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75, times="logit-normal"):
+def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent", ratio=0.75):
     """MeanFlow (Geng et al. 2025) as its authors train it on CIFAR-10: eq. 5 in continuous time. s(x, t, d) is the
     average velocity over [t, t + d]; differentiating d s(x_t, t, d) = Phi_{t->t+d}(x_t) - x_t along the path with
     t + d fixed gives s = v + d (v . grad_x s + d_t s - d_d s), whose right side with v = x1 - x0 is the target (under
     sg, unclipped). Queries by the authors' sampler `v1` in their time tau = 1 - t: tau_t ~ sigmoid(N(-0.6, 1.6)),
-    tau_r ~ sigmoid(N(-4, 1.6)) (times="uniform": U[0, 1]), tau_r = tau_t with probability 1 - ratio, then
-    tau_r = min(tau_t, tau_r): a jump from t = 1 - tau_t over d = tau_t - tau_r, ~30% of rows flow matching (d = 0,
-    put last). The registry holds the rest: loss power 0.75, a plain mean, t unscaled, d told continuously ("gap")."""
-    if not 0 <= ratio <= 1 or times not in ("logit-normal", "uniform"):
-        raise ValueError(f"ratio must be in [0, 1] and times 'logit-normal' or 'uniform', got {ratio}, {times!r}")
+    tau_r ~ sigmoid(N(-4, 1.6)), tau_r = tau_t with probability 1 - ratio, then tau_r = min(tau_t, tau_r): a jump
+    from t = 1 - tau_t over d = tau_t - tau_r, ~30% of rows flow matching (d = 0, put last). The registry holds the
+    rest: loss power 0.75, a plain mean, t unscaled, d told continuously ("gap")."""
+    require(0 <= ratio <= 1, f"ratio must be in [0, 1], got {ratio}")
     B, dev = len(x1), x1.device
     x0 = draw_noise(x1, pair, y)
-    tau_t, tau_r = (torch.rand(2, B, device=dev) if times == "uniform" else
-                    torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev)))
+    tau_t, tau_r = torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev))
     tau_r = torch.minimum(tau_t, torch.where(torch.rand(B, device=dev) < 1 - ratio, tau_t, tau_r))
     rows = torch.argsort((tau_r == tau_t).int(), stable=True)
     x0, x1, y, t, d = x0[rows], x1[rows], None if y is None else y[rows], 1 - tau_t[rows], (tau_t - tau_r)[rows]
@@ -267,8 +259,6 @@ def options_of(name, settings):
 def make_targets(name, model, x1, y=None, *, teacher=None, progress=0.0, **options):
     """The targets of objective `name` for a batch of data x1 (see the module docstring)."""
     obj = OBJECTIVES[name]
-    if obj.two_phase and teacher is None:
-        raise ValueError(f"{name} is a two-phase objective: it needs teacher=, a trained flow-matching model")
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"progress must be in [0, 1], got {progress}")
+    require(teacher is not None or not obj.two_phase, f"{name} is two-phase: it needs teacher=, a trained flow model")
+    require(0 <= progress <= 1, f"progress must be in [0, 1], got {progress}")
     return obj.targets(model, x1, y, teacher=teacher, progress=progress, **options)

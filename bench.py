@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baselines import OBJECTIVES, make_targets, options_of
 from images import DATA, generate, get_batch
-from runs import as_count, checked
+from runs import as_count
 from shortcut import DiT, ema_update, regress, sample
 
 PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125),
@@ -21,8 +21,6 @@ def add_flags(a):
     a("--benchmark", action="store_true", help="time a training step of every objective and sampling on random "
       "data (bench.py); trains nothing")
     a("--bench-steps", type=as_count, default=20, help="timed steps in --benchmark (default: 20)")
-    a("--bench-warmup", type=checked(int, lambda v: 0 <= v <= 10 ** 6, "from 0 to 10^6"), default=3,
-      help="untimed steps before timing, 10 more with --compile (default: 3)")
 
 
 def timed(fn, warmup, reps, device):
@@ -44,7 +42,7 @@ def benchmark(run, args, cfg, device):
     labels = torch.randint(info.classes, shape[:1], device=device, generator=g) if info.classes else None
     gpu = torch.cuda.get_device_name(device) if cuda else device.type
     peak = next((p for key, p in PEAK_BF16 if key in gpu), None)
-    warmup, times = args.bench_warmup + (10 if args.compile else 0), {}
+    warmup, times = 3 + 10 * args.compile, {}      # compiling takes the first steps
     print(f"benchmark on {gpu}: DiT-{run.model}/{run.patch} at {info.size}x{info.size}x{info.channels}, "
           f"batch {run.batch_size}, {'bf16 autocast' if cuda else 'fp32'}{', compiled' if args.compile else ''}, "
           f"{args.bench_steps} timed steps after {warmup} warm-up; peak {peak or 'unknown'} TFLOP/s dense bf16")

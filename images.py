@@ -119,12 +119,6 @@ def load_celeba(data_dir, size=64):
     return cached(cache, {"x": shape}, "the cached CelebA images", decode)[0], None
 
 
-def load_dataset(name, data_dir, download=False):
-    if name == "cifar10":
-        return load_cifar10(data_dir, download)
-    return load_digits() if name == "digits" else load_celeba(data_dir, DATA[name].size)
-
-
 def get_batch(data, labels, batch_size, flip):
     """A random batch in [-1, 1], flipped on the device; torch's generator makes it resumable."""
     idx = torch.randint(len(data), (batch_size,), device=data.device)

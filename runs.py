@@ -31,16 +31,12 @@ class TrainingDiverged(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: exit code 128 + the signal's number."""
-
-    def __init__(self, message, signal_name):
-        super().__init__(message)
-        self.code = 128 + signal.Signals[signal_name].value
+    """Interrupted(message, signal's name), of Ctrl-C or SIGTERM: exit code 128 + the signal's number."""
 
 
-def refuse(condition, message):
+def refuse(condition, message, error=UserError):
     if condition:
-        raise UserError(message)
+        raise error(message)
 
 
 def first_line(e):
@@ -57,8 +53,9 @@ def cli(main, oom_hint, argv=None):
     try:
         main(argv)
     except (Interrupted, UserError, TrainingDiverged) as e:
-        print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
-        sys.exit(e.code if isinstance(e, Interrupted) else 2 if isinstance(e, UserError) else 1)
+        interrupted = isinstance(e, Interrupted)
+        print(e.args[0] if interrupted else f"error: {e}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[e.args[1]] if interrupted else 2 if isinstance(e, UserError) else 1)
     except OSError as e:                                    # a full disk, an --out that is a file
         print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         sys.exit(2)
@@ -150,8 +147,7 @@ class Record:
     teacher: "Record | None" = None
 
     def __post_init__(self):
-        refuse(self.pair == "ot" and self.objective == "reflow", "--pair ot does not apply to reflow, whose pairs "
-               "come from its teacher")
+        refuse(self.pair == "ot" and self.objective == "reflow", "--pair ot: reflow takes its pairs from its teacher")
         refuse(self.ema_teacher and OBJECTIVES[self.objective].two_phase,
                f"--ema-teacher: {self.objective}'s targets come from its teacher")
 
@@ -159,21 +155,14 @@ class Record:
     def load(cls, saved):
         """The record of a saved dict, each setting checked as its flag checks it (ValueError)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        if set(saved) != set(fields):
-            raise ValueError(f"its record's fields differ from a {cls.__name__}'s: {sorted(set(saved) ^ set(fields))}")
+        refuse(set(saved) != set(fields), f"its record's fields differ: {sorted(set(saved) ^ set(fields))}", ValueError)
         for name, value in saved.items():
-            if name != "teacher" and not (value is None is fields[name].default or valid(fields[name], value)):
-                raise ValueError(f"its record has {name} = {value!r}")
+            f, ok = fields[name], name == "teacher" or value is None is fields[name].default
+            with contextlib.suppress(argparse.ArgumentTypeError, ValueError, TypeError):
+                ok = ok or (isinstance(value, bool) if f.type is bool else value in f.metadata.get("choices", [value])
+                            and f.metadata.get("type", str)(str(value)) is not None)
+            refuse(not ok, f"its record has {name} = {value!r}", ValueError)
         return cls(**{**saved, "teacher": saved["teacher"] and cls.load(saved["teacher"])})
-
-
-def valid(field, value):
-    """Whether a saved value passes the check of its setting's flag."""
-    meta = field.metadata
-    with contextlib.suppress(argparse.ArgumentTypeError, ValueError, TypeError):
-        return (isinstance(value, bool) if field.type is bool
-                else value in meta.get("choices", [value]) and meta.get("type", str)(str(value)) is not None)
-    return False
 
 
 ######################### Checkpoints, the lock, files #########################
@@ -261,8 +250,6 @@ def write_atomic(path, write):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"no space left in {os.path.dirname(os.path.abspath(path))}") from None
         if isinstance(e, OSError) and not e.filename:
             raise OSError(e.errno, e.strerror, path) from None
         raise

@@ -41,6 +41,12 @@ D_EMBEDS = ("level", "end", "gap")    # how d is told to a network (Conditioning
 
 ########################### The path and the queries ###########################
 
+def require(ok, message):
+    """The library trusts its caller except where a mistake would give a silent wrong answer: ValueError then."""
+    if not ok:
+        raise ValueError(message)
+
+
 def bcast(v, x):
     """A per-row scalar (B,) shaped to broadcast against x (B, ...)."""
     return v.view((-1,) + (1,) * (x.ndim - 1))
@@ -55,8 +61,7 @@ def draw_noise(x1, pair="independent", y=None):
     """Noise x0 ~ N(0, I) for data x1. pair="ot" re-pairs it by the assignment of least total
     |x1 - x0|^2 (minibatch optimal transport, as in iSM): straighter paths, which fewer steps can
     follow; with labels y, within each class, so no noise carries another class's position."""
-    if pair not in ("independent", "ot"):
-        raise ValueError(f"pair must be 'independent' or 'ot', got {pair!r}")
+    require(pair in ("independent", "ot"), f"pair must be 'independent' or 'ot', got {pair!r}")
     x0 = torch.randn_like(x1)
     if pair == "independent":
         return x0
@@ -91,8 +96,7 @@ def two_jumps(net, x_t, t, d, y=None, clip=4.0):
     """The right side of eq. 5, the target for one jump of 2d: (s(x_t, t, d) + s(x'_{t+d}, t+d, d)) / 2.
     As in the official code, x' and the target are clipped to +-clip (None: not at all): a half-trained
     network's jump can overshoot far, and one wild target would dominate the MSE."""
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be positive (or None for no clipping), got {clip}")
+    require(clip is None or clip > 0, f"clip must be positive (or None for no clipping), got {clip}")
     c = math.inf if clip is None else clip
     s1 = net(x_t, t, d, y)
     s2 = net((x_t + bcast(d, x_t) * s1).clamp(-c, c), t + d, d, y)
@@ -118,8 +122,7 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
     or else by `model`; the rest get flow-matching targets. clip: two_jumps; pair: draw_noise. The last three keywords
     are the exercises' ablations: grounded=False drops the 2d = 1/64 targets (so d = 1/64 is never supervised),
     stop_grad=False lets gradients through the targets, d_sampling="uniform" draws 2d ~ U[1/64, 1] off the grid."""
-    if not 0.0 <= bootstrap_frac <= 1.0:
-        raise ValueError(f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
+    require(0 <= bootstrap_frac <= 1, f"bootstrap_frac must be in [0, 1], got {bootstrap_frac}")
     B, n_sc = len(x1), round(bootstrap_frac * len(x1))
     # 1. The queries: 2d and t on its grid for the self-consistency rows; t ~ U[0, 1], d = 0 for the rest.
     x0 = draw_noise(x1, pair, y)
@@ -144,8 +147,7 @@ def regress(model, targets, loss_power=0.0, per_part=True):
     share (official). p > 0: MeanFlow's adaptive weight, each row's summed squared error e over sg(e + 1e-3)^p, then the
     plain mean (per_part=False, MeanFlow's authors) or, per_part=True, the weights renormalised within each part: over
     the whole batch the bootstrap rows, with the smallest errors, would take all the weight and fall to s = 0."""
-    if not 0 <= loss_power < math.inf:
-        raise ValueError(f"loss_power must be 0 (the MSE) or more, got {loss_power}")
+    require(0 <= loss_power < math.inf, f"loss_power must be 0 (the MSE) or more, got {loss_power}")
     tg, n = targets, targets.n_boot
     err = (model(tg.x_t, tg.t, tg.d, tg.y) - tg.target.to(tg.x_t.dtype)).float().pow(2).flatten(1).mean(1)  # (B,)
     parts = {"sc": err[:n].detach().mean(), "fm": err[n:].detach().mean()}
@@ -192,8 +194,7 @@ def sample(model, x0, steps, y=None, cfg_scale=1.0, *, rule=jump, off_grid=False
     the (N+1, *x0.shape) stack of the points visited. steps: N = 2^k steps of d = 1/N, or sizes such as
     [1/2, 1/4, 1/4] (step_sizes); off_grid allows any split, for a velocity or a model trained with
     continuous d (exercise 6). rule: `jump` (default), `velocity` or one of baselines.py's. cfg_scale: guided()'s w."""
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+    require(math.isfinite(cfg_scale), f"cfg_scale must be a finite number, got {cfg_scale}")
     x, t, path, rows = x0, 0.0, [x0], (len(x0),)
     for d in step_sizes(steps, off_grid):
         x = rule(model, x, torch.full(rows, t, device=x0.device), torch.full(rows, d, device=x0.device), y, cfg_scale)
@@ -212,11 +213,10 @@ def step_sizes(steps, off_grid=False):
     starts = np.cumsum([0.0] + sizes)[:-1]
     on_grid = all(2.0 ** round(math.log2(d)) == d >= 1 / MAX_STEPS and (t / d).is_integer()
                   for d, t in zip(sizes, starts) if d > 0)
-    if not (sizes and all(d > 0 for d in sizes) and abs(sum(sizes) - 1) < 1e-9 and (off_grid or on_grid)):
-        raise ValueError(f"steps={steps!r} is off the training grid: a count must be a power of two from 1 to "
-                         f"{MAX_STEPS}, and a list's sizes positive, summing to 1, each a power of two from "
-                         f"1/{MAX_STEPS} that starts at a multiple of itself, such as [0.5, 0.25, 0.25] "
-                         "(off_grid=True allows any positive split)")
+    require(sizes and all(d > 0 for d in sizes) and abs(sum(sizes) - 1) < 1e-9 and (off_grid or on_grid),
+            f"steps={steps!r} is off the training grid: a count must be a power of two from 1 to {MAX_STEPS}, and a "
+            f"list's sizes positive, summing to 1, each a power of two from 1/{MAX_STEPS} that starts at a multiple "
+            "of itself, such as [0.5, 0.25, 0.25] (off_grid=True allows any positive split)")
     return sizes
 
 
@@ -233,9 +233,8 @@ class SinusoidalEmbedder(nn.Module):
 
     def __init__(self, width, scale=1.0, freq_dim=256, mlp=True):
         super().__init__()
-        half = freq_dim // 2
+        self.scale, half = scale, freq_dim // 2
         self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(half) / half), persistent=False)
-        self.scale = scale
         self.proj = (nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
                      if mlp else nn.Linear(freq_dim, width))
 
@@ -251,8 +250,7 @@ class Conditioning(nn.Module):
 
     def __init__(self, width, num_classes=0, freq_dim=256, mlp=True, t_scale=1000.0, d_embed="level"):
         super().__init__()
-        if d_embed not in D_EMBEDS:
-            raise ValueError(f"d_embed must be 'level', 'end' or 'gap', got {d_embed!r}")
+        require(d_embed in D_EMBEDS, f"d_embed must be 'level', 'end' or 'gap', got {d_embed!r}")
         self.num_classes, self.d_embed = num_classes, d_embed
         self.t_emb = SinusoidalEmbedder(width, t_scale, freq_dim, mlp)
         self.d_emb = SinusoidalEmbedder(width, 1.0 if d_embed == "level" else t_scale, freq_dim, mlp)
@@ -261,8 +259,7 @@ class Conditioning(nn.Module):
     def forward(self, t, d, y=None):
         s = d if self.d_embed == "gap" else step_level(d)
         c = self.t_emb(t) + self.d_emb(t + 2.0 ** -s if self.d_embed == "end" else s)
-        if self.y_emb is None and y is not None:
-            raise ValueError("this model has no classes (num_classes=0) but got labels y")
+        require(self.y_emb is not None or y is None, "this model has no classes (num_classes=0) but got labels y")
         return c if self.y_emb is None else c + self.y_emb(
             torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y)
 

@@ -33,7 +33,7 @@ import runs as R
 import shortcut as S
 import train_images as ti
 import train_toy as toy
-from test_shortcut import MU, SCALE, GaussianShortcut, Mixture, MixtureShortcut, Spy
+from test_shortcut import MU, SCALE, GaussianShortcut, Mixture, MixtureShortcut, Spy, skewed
 
 torch.set_default_dtype(torch.float32)
 
@@ -54,7 +54,7 @@ def unlocked(folder):
 def test_the_toy_mixture_flow_is_the_specifications():
     """train_toy's GaussianMixture (solves in each component's eigenbasis) against the
     specification's exact mixture, on the ring and the skewed mixture."""
-    for gm in (toy.ring(), toy.skewed_mixture()):
+    for gm in (toy.ring(), toy.GaussianMixture(skewed().pi, skewed().mu, skewed().cov)):
         spec = Mixture(gm.pi.numpy(), gm.mu.numpy(), gm.cov.numpy())
         x, t = 2 * torch.randn(300, 2, dtype=torch.float64), torch.rand(300, dtype=torch.float64)
         torch.testing.assert_close(gm.velocity(x, t), spec.velocity(x, t), rtol=0, atol=1e-12)
@@ -91,8 +91,8 @@ def test_toy_measures_count_non_finite_samples_and_do_not_depend_on_the_global_r
     class NaNs(torch.nn.Module):
         def forward(self, x, t, d, y=None):
             return torch.full_like(x, float("nan"))
-    gm, path = toy.ring(), toy.mixture_paths("ring")
-    data = toy.MIXTURES["ring"]().sample(500, np.random.default_rng(0))
+    gm, path = toy.ring(), toy.mixture_paths()
+    data = toy.ring().sample(500, np.random.default_rng(0))
     x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
     exact = GaussianShortcut(MU, SCALE)
     _, m = toy.evaluate({"nan": ("shortcut", NaNs())}, x0, data, data, gm, path)
@@ -105,9 +105,8 @@ def test_toy_measures_count_non_finite_samples_and_do_not_depend_on_the_global_r
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("name", toy.MIXTURES)
-def test_datasets_have_unit_scale(name):
-    x = toy.MIXTURES[name]().sample(5000, np.random.default_rng(0))
+def test_the_ring_has_unit_scale():
+    x = toy.ring().sample(5000, np.random.default_rng(0))
     assert x.shape == (5000, 2) and x.dtype == np.float32
     assert 0.5 < x.std() < 1.5 and np.abs(x).max() < 4
 
@@ -123,14 +122,14 @@ def quick_train(*flags, steps=400, objective="shortcut"):
     """A small toy model, trained once per test run for each setting (two-phase objectives
     learn from a flow-matching teacher trained for the same number of steps)."""
     args = toy.parse_args(["--steps", str(steps), "--width", "64", "--objective", objective, *flags])
-    data = toy.MIXTURES["ring"]().sample(20_000, np.random.default_rng(0))
+    data = toy.ring().sample(20_000, np.random.default_rng(0))
     teacher = quick_train(steps=steps, objective="flow")[0] if B.OBJECTIVES[objective].two_phase else None
     return toy.train(toy.record(args), data, teacher)
 
 
 def one_step_w2(model, flow=False):
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
-    data = toy.MIXTURES["ring"]().sample(2000, np.random.default_rng(5))
+    data = toy.ring().sample(2000, np.random.default_rng(5))
     return toy.sliced_w2(S.sample(model, x0, 1, rule=S.velocity if flow else S.jump).numpy(), data)
 
 
@@ -141,14 +140,14 @@ def off_mode(model, objective, steps):
 
 
 def test_exercise_2_one_flow_step_lands_on_the_data_mean():
-    gm = toy.skewed_mixture()
+    gm = skewed()
     x0 = torch.randn(300, 2, dtype=torch.float64)
     mean = (gm.pi[:, None] * gm.mu).sum(0)
     x1 = S.sample(MixtureShortcut(gm), x0, 1, rule=S.velocity)             # x0 + v(x0, 0) = E[x1]
     torch.testing.assert_close(x1, mean.expand_as(x1), rtol=0, atol=1e-12)
     model, _ = quick_train(objective="flow")                          # and a trained baseline collapses
     x1 = S.sample(model, torch.randn(2000, 2), 1, rule=S.velocity)
-    assert x1.std(0).max() < 0.2 * toy.MIXTURES["ring"]().sample(2000, np.random.default_rng(0)).std(0).min()
+    assert x1.std(0).max() < 0.2 * toy.ring().sample(2000, np.random.default_rng(0)).std(0).min()
     shortcut, _ = quick_train()
     assert one_step_w2(shortcut) < 0.25 * one_step_w2(model, flow=True)
 
@@ -171,7 +170,7 @@ def test_exercise_3_a_missing_level_is_interpolated_by_its_neighbours():
     S.regress(spy, S.shortcut_targets(spy, torch.randn(700, 2), grounded=False))
     big_steps = set(spy.calls[-1][2][:175].tolist())            # the student's query of each bootstrap row
     assert big_steps == {2.0 ** -k for k in range(6)} and 1 / 64 not in big_steps
-    path = toy.mixture_paths("ring")
+    path = toy.mixture_paths()
     good, bad = toy.exact_errors(quick_train()[0], path), toy.exact_errors(quick_train("--ungrounded")[0], path)
     assert all(bad[n] < 1.5 * good[n] for n in toy.STEP_COUNTS), (good, bad)
 
@@ -190,15 +189,15 @@ def test_exercise_6_uniform_d_samples_in_one_step_with_less_accurate_jumps():
     uniform, dyadic = quick_train("--d-sampling", "uniform")[0], quick_train()[0]
     flow = quick_train(objective="flow")[0]
     assert max(off_mode(uniform, "shortcut", 1), off_mode(dyadic, "shortcut", 1)) < 0.5 * off_mode(flow, "flow", 1)
-    path = toy.mixture_paths("ring")
+    path = toy.mixture_paths()
     coarse = lambda m: np.mean([toy.exact_errors(m, path)[n] for n in (2, 4, 8)])     # noqa: E731
     assert coarse(uniform) > coarse(dyadic)
 
 
 def test_exercise_7_the_exact_error_falls_with_training_at_every_d():
-    path = toy.mixture_paths("ring")
+    path = toy.mixture_paths()
     run = toy.record(toy.parse_args(["--steps", "400", "--width", "64"]))
-    data = toy.MIXTURES["ring"]().sample(20_000, np.random.default_rng(0))
+    data = toy.ring().sample(20_000, np.random.default_rng(0))
     _, log = toy.train(run, data, track=(200, lambda m: toy.exact_errors(m, path)))
     first, last = log["exact"][1], log["exact"][400]
     assert set(log["exact"]) == {1, 200, 400}
@@ -375,7 +374,7 @@ def test_toy_cli_rejects_bad_flags_in_one_line(tmp_path, capsys):
     a finite loss whose update makes the weights non-finite stops too, and nothing is saved."""
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for flags in (["--bootstrap-frac", "2"], ["--dataset", "spiral"], ["--steps", "0"], ["--lr", "nan"],
+    for flags in (["--bootstrap-frac", "2"], ["--steps", "0"], ["--lr", "nan"],
                   ["--seed", "-1"], ["--out", str(a_file)], ["--out", ""], ["--objective", "reflow", "--pair", "ot"],
                   ["--table1", "--pair", "ot"], ["--table1", "--objective", "flow"], ["--sweep", "bootstrap-frac",
                   "--bootstrap-frac", "0.5"], ["--table1", "--ema-teacher"], ["--objective", "reflow", "--ema-teacher"],
@@ -703,7 +702,7 @@ def test_bad_input_stops_in_one_line_before_anything_is_written(tmp_path, data_d
              (["--grad-clip", "nan"], "above 0"), (["--ema", "2"], "[0, 1)"), (["--ema", "-1"], "[0, 1)"),
              (["--ema", "nan"], "[0, 1)"), (["--label-dropout", "-1"], "[0, 1]"),
              (["--eval-steps", "1,3"], "powers of two"), (["--eval-steps", "1,x"], "powers of two"),
-             (["--objective", "reflow", "--pair", "ot", "--teacher", str(ckpt)], "does not apply to reflow"),
+             (["--objective", "reflow", "--pair", "ot", "--teacher", str(ckpt)], "--pair ot: reflow takes"),
              (["--sample-only"], "needs --resume"),
              (["--dataset", "cifar10", "--data-dir", str(tmp_path / "none")], "--download"),
              (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "corrupt"),
@@ -779,7 +778,7 @@ def test_a_full_disk_keeps_the_previous_outputs(tmp_path, data_dir, capsys, monk
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
     code, err = run_cli(ti, again, capsys)
-    assert code == 2 and err == f"error: no space left in {out / 'sampled'}"
+    assert code == 2 and err == f"error: No space left on device: {out / 'sampled' / 'samples.npz'}"
     assert {f: (out / "sampled" / f).read_bytes() for f in before} == before
     assert not list(out.glob("**/*.tmp"))
 
@@ -885,7 +884,7 @@ def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
 
 def test_benchmark_mode_prints_its_figures(capsys):
     figures = ti.main(["--benchmark", "--device", "cpu", "--model", "tiny", "--batch-size", "16",
-                       "--bench-steps", "2", "--bench-warmup", "1", "--eval-batch-size", "100"])   # > 4 batches
+                       "--bench-steps", "2", "--eval-batch-size", "100"])   # > 4 batches
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split()[:1] and line.split()[0] in B.OBJECTIVES}
@@ -904,16 +903,16 @@ def torchrun(*argv, **popen):
 
 
 def test_two_processes_finish_with_every_log_every_and_stay_identical(tmp_path, data_dir):
-    """torchrun with 2 CPU processes over gloo, four runs at once: whatever --log-every, every
+    """torchrun with 2 CPU processes over gloo, three runs at once: whatever --log-every, every
     collective (the logged loss, a save, the stop check) is taken by both processes at the same
     step, so each run finishes. DDP keeps the replicas identical, each process draws its own half
     of the global batch, and the checkpoint then resumes in a single process."""
     common = [*TINY, "--steps", "40", "--save-every", "15", "--data-dir", data_dir, "--batch-size", "4"]
-    runs = {k: torchrun(*common, "--log-every", str(k), "--out", str(tmp_path / f"log{k}")) for k in (0, 1, 5, 1000)}
+    runs = {k: torchrun(*common, "--log-every", str(k), "--out", str(tmp_path / f"log{k}")) for k in (0, 1, 5)}
     said = {k: p.communicate(timeout=600)[0] for k, p in runs.items()}
     for k, p in runs.items():
         assert p.returncode == 0 and "all 2 processes hold identical weights" in said[k], (k, said[k][-2000:])
-        assert sum(line.startswith("step ") for line in said[k].splitlines()) == {0: 3, 1: 40, 5: 8, 1000: 3}[k]
+        assert sum(line.startswith("step ") for line in said[k].splitlines()) == {0: 3, 1: 40, 5: 8}[k]
     state = weights(tmp_path / "log5" / "checkpoint.pt")
     assert state["step"] == 40 and len(state["rng"]) == 2 and not torch.equal(state["rng"][0][0], state["rng"][1][0])
 

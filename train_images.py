@@ -139,14 +139,14 @@ def main(argv=None):
             return bench.benchmark(run, args, cfg, device)
         refuse(run.batch_size % world, f"global --batch-size {run.batch_size} is not a multiple of {world} processes")
         log = print if rank == 0 else (lambda *a, **k: None)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
         held.enter_context(claim(args.out) if rank == 0 else contextlib.nullcontext())
         ckpt = os.path.join(args.out, "checkpoint.pt")
         if not (args.resume and os.path.exists(ckpt) and os.path.samefile(args.resume, ckpt)):
             refuse(os.path.exists(ckpt), f"{ckpt!r} exists: continue that run with --resume {ckpt}, or another --out")
             check_outputs(args.out, "metrics.json", dataclasses.asdict(run))
-        x, y = images.load_dataset(run.dataset, args.data_dir, args.download)
+        x, y = images.load_digits() if run.dataset == "digits" else images.load_cifar10(args.data_dir, args.download) \
+            if run.dataset == "cifar10" else images.load_celeba(args.data_dir, info.size)
         data, labels = torch.as_tensor(x).to(device), None if y is None else torch.as_tensor(y).to(device)
 
         # The model, its EMA, the optimiser and, for a two-phase run, the teacher.

@@ -23,8 +23,7 @@ import torch
 
 import baselines as B
 from runs import (Interrupted, Parser, Record, TrainingDiverged, UserError, add_settings, as_count, as_positive,
-                  as_share, check_outputs, checked, claim, cli, deferred_stop, load_checkpoint, refuse, setting,
-                  write_atomic)
+                  check_outputs, checked, claim, cli, deferred_stop, load_checkpoint, refuse, setting, write_atomic)
 from shortcut import MAX_STEPS, MLP, ema_update, regress
 
 STEP_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -81,22 +80,10 @@ def ring(n=8, radius=1.5, std=0.15):
     return GaussianMixture(np.ones(n), radius * np.stack([np.cos(a), np.sin(a)], 1), [std ** 2 * np.eye(2)] * n)
 
 
-def skewed_mixture():
-    """Four anisotropic components of unequal weight: a harder, lopsided target."""
-    def cov(sx, sy, angle):
-        R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        return R @ np.diag([sx ** 2, sy ** 2]) @ R.T
-    return GaussianMixture([0.4, 0.3, 0.2, 0.1], [[-1.0, -0.6], [1.0, 1.0], [1.1, -1.2], [-1.2, 1.3]],
-                           [cov(0.5, 0.12, 0.6), cov(0.3, 0.3, 0.0), cov(0.4, 0.1, -1.0), cov(0.15, 0.15, 0.0)])
-
-
-MIXTURES = {"ring": ring, "mixture": skewed_mixture}
-
-
 @functools.lru_cache(maxsize=None)
-def mixture_paths(dataset, n=512):
-    """n noise points on the exact flow (fine RK4) at every multiple of 1/128, (129, n, 2): they follow the true p_t."""
-    gm, path = MIXTURES[dataset](), [torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+def mixture_paths(n=512):
+    """n noise points on the ring's exact flow (fine RK4) at every multiple of 1/128, (129, n, 2): they follow p_t."""
+    gm, path = ring(), [torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
     for i in range(MAX_STEPS):
         path.append(gm.flow_map(path[-1], torch.full((n,), i / MAX_STEPS), 1 / MAX_STEPS))
     return torch.stack(path)
@@ -171,14 +158,11 @@ def evaluate(models, x0, data, data_b, gm, path, seed=0):
 @dataclasses.dataclass(frozen=True)
 class Run(Record):
     """Every setting of a toy model, each with its flag; a checkpoint holds it (and its teacher's), --reuse compares."""
-    dataset: str = setting("ring", "ring: 8 Gaussians (default); mixture: 4 skewed ones", choices=list(MIXTURES))
     width: int = setting(128, "MLP width (default: 128)", type=as_count)
     depth: int = setting(3, "MLP residual blocks (default: 3)", type=as_count)
     steps: int = setting(None, "training steps per model (default: 4000; 1600 with --table1)", type=as_count)
     batch_size: int = setting(512, "batch size (default: 512)", type=as_count)
     lr: float = setting(4e-3, "peak AdamW learning rate, cosine decay (default: 4e-3)", type=as_positive)
-    ratio: float = setting(0.75, "meanflow: the share of rows with d > 0 (default: 0.75)", type=as_share)
-    times: str = setting("logit-normal", "meanflow: how a jump's ends are drawn", choices=["logit-normal", "uniform"])
     grounded: bool = setting(True, "exercise 3: no targets at 2d = 1/64", flag="--ungrounded", action="store_false")
     stop_grad: bool = setting(True, "exercise 4: backprop through targets", flag="--no-stop-grad", action="store_false")
     d_sampling: str = setting("dyadic", "exercise 6: 2d on the grid or ~ U[1/64, 1]", choices=["dyadic", "uniform"])
@@ -246,8 +230,7 @@ def save_model(path, run, model, seconds):
 
 def load_model(path):
     """(record, model, training seconds) of a toy checkpoint; UserError unless it is whole and finite."""
-    state = load_checkpoint(path, Run, "--reuse", "train_toy.py")
-    run = state["run"]
+    run = (state := load_checkpoint(path, Run, "--reuse", "train_toy.py"))["run"]
     model = MLP(width=run.width, depth=run.depth, t_scale=run.t_scale, d_embed=run.d_embed)
     try:
         model.load_state_dict(state["model"])
@@ -371,7 +354,7 @@ def main(argv=None):
     out, run = functools.partial(os.path.join, args.out), dataclasses.asdict(record(args))
     with claim(args.out):
         check_outputs(args.out, f"{stem}.json", run)
-        start, path = time.time(), mixture_paths(args.dataset)
+        start, path = time.time(), mixture_paths()
         runs = [replicate(args, rows, seed, path) for seed in seeds]
         (models, history, data, samples, _), per_seed = runs[0], [r[-1] for r in runs]
         metrics = {"run": run, "seeds": list(seeds), **average(per_seed),
@@ -379,7 +362,7 @@ def main(argv=None):
         if stem == "toy":
             plot_exact(out("exact.png"), per_seed[0]["exact_error"], models, path, history)
             metrics.update({"exact_during_training": history} if history else {})
-        md = tables(metrics, counts, f"{stem}: {args.dataset}, MLP {args.width}x{args.depth}, {args.steps} steps of "
+        md = tables(metrics, counts, f"{stem}: ring, MLP {args.width}x{args.depth}, {args.steps} steps of "
                     f"batch {args.batch_size} per model (two-phase: plus their teacher's), seeds {list(seeds)}")
         print("\n" + md)
         write_atomic(out(f"{stem}.md"), lambda f: f.write(md.encode()))
@@ -394,7 +377,7 @@ def main(argv=None):
 def replicate(args, rows, seed, path):
     """One seed: its models, the first row's errors during training (--track-exact), the data, the samples and their
     measures. The flow row's model is also the teacher of the two-phase rows and AMED's flow."""
-    rng, gm = np.random.default_rng(seed), MIXTURES[args.dataset]()
+    rng, gm = np.random.default_rng(seed), ring()
     train_data, data, data_b = (gm.sample(n, rng) for n in (100_000, args.n_samples, args.n_samples))
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     suffix, flow, teacher = f"_seed{seed}" * (seed != args.seed), record(args, seed=seed, **FLOW), None
