@@ -154,8 +154,7 @@ class DigitsJudge:
             x, y = load_digits()
             clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0).fit(x.reshape(-1, 64) / 255, y)
             return [clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1]]
-        shapes = {"w0": (64, 128), "b0": (128,), "w1": (128, 10), "b1": (10,)}
-        self.w = cached(cache, shapes, "the cached digit classifier", fit)
+        self.w = cached(cache, {"w0": (64, 128), "b0": (128,), "w1": (128, 10), "b1": (10,)}, "the cached judge", fit)
 
     def features(self, x01):
         return np.maximum(x01.reshape(len(x01), -1) @ self.w[0] + self.w[1], 0)

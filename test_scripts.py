@@ -1025,8 +1025,9 @@ def shows(cell, *values, percent=False):
 
 
 def test_documented_numbers_match_their_results_files():
-    """The README's toy and digits tables and RESULTS' Table 1 are docs/results' files, to the digits they show: a
-    number edited by hand, or a results file written by another run, fails here."""
+    """The README's toy and digits tables and RESULTS' Table 1, digits, one-step-gap and compute tables are
+    docs/results' files, to the digits they show: a number edited by hand, or a results file written by another run,
+    fails here."""
     def load(name):
         with open(os.path.join("docs", "results", name)) as f:
             return json.load(f)
@@ -1071,3 +1072,24 @@ def test_documented_numbers_match_their_results_files():
             halves = [vals] if len(vals) == len(runs) else [vals[:len(runs)], vals[len(runs):]]
             stats = [v for h in halves for v in ([np.mean(h), np.std(h, ddof=1)] if len(runs) > 1 else h)]
             assert shows(cell, *stats), (folders, cell)
+    rows = table_after(os.path.join("docs", "RESULTS.md"), "## The one-step gap")
+    for _, folder, off, spread, seconds in rows:              # the first (or only) row of each folder's toy.json
+        m = load(f"{folder.strip('`')}/toy.json")
+        row = next(iter(m["train_seconds"]))
+        sd = lambda key, n: np.std([p[key][row][str(n)] for p in m["per_seed"]], ddof=1)      # noqa: E731
+        assert shows(off, *(v for n in (1, 128) for v in (m["off_mode"][row][str(n)], sd("off_mode", n))),
+                     percent=True), (folder, off)
+        assert shows(spread, *(m["spread"][row][str(n)] for n in (1, 4, 128))), (folder, spread)
+        assert shows(seconds, m["train_seconds"][row]), (folder, seconds)
+    rows = table_after(os.path.join("docs", "RESULTS.md"), "## Compute")
+    for row, _, folder, off, spread in rows:                  # the row named first, with its standard deviations
+        m, row = load(f"{folder.strip('`')}/toy.json"), row.split(",")[0]
+        sd = lambda key, n: np.std([p[key][row][str(n)] for p in m["per_seed"]], ddof=1)      # noqa: E731
+        assert shows(off, *(v for n in (1, 4, 128) for v in (m["off_mode"][row][str(n)], sd("off_mode", n))),
+                     percent=True), (folder, off)
+        assert shows(spread, *(v for n in (1, 4, 128) for v in (m["spread"][row][str(n)], sd("spread", n)))), \
+            (folder, spread)
+    rows = table_after(os.path.join("docs", "RESULTS.md"), "**Compute on digits.**")
+    for _, _, folder, fd in rows:                              # one seed a row
+        m = load(f"{folder.strip('`')}/metrics.json")
+        assert shows(fd, *(m[f"{m['run']['objective']}_{n}"]["fd"] for n in (1, 2, 4, 8, 128))), (folder, fd)

@@ -3,7 +3,7 @@
     python train_toy.py                      # 8 Gaussians on a ring, writes out/toy/
     python train_toy.py --seeds 3            # the same over 3 seeds: mean ± standard deviation
     python train_toy.py --objective consistency-training     # any objective of baselines.py
-    python train_toy.py --table1             # every objective at one budget (< 3 minutes)
+    python train_toy.py --table1             # every objective at one budget (about 5 minutes)
 
 Trains a model by --objective and a flow-matching baseline with the same network, budget and seed (two-phase objectives
 learn from it), samples both with 1 to 128 steps from the same noise and writes to --out: toy.md and .json (measures),
