@@ -14,7 +14,7 @@ import sys
 import torch
 
 from baselines import OBJECTIVES
-from shortcut import D_EMBEDS
+from shortcut import D_EMBEDS, require
 
 try:
     import fcntl
@@ -34,9 +34,9 @@ class Interrupted(Exception):
     """Interrupted(message, signal's name), of Ctrl-C or SIGTERM: exit code 128 + the signal's number."""
 
 
-def refuse(condition, message, error=UserError):
+def refuse(condition, message):
     if condition:
-        raise error(message)
+        raise UserError(message)
 
 
 def first_line(e):
@@ -153,15 +153,15 @@ class Record:
 
     @classmethod
     def load(cls, saved):
-        """The record of a saved dict, each setting checked as its flag checks it (ValueError)."""
+        """The record of a saved dict, each setting checked as its flag checks it (ValueError, by shortcut.require)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        refuse(set(saved) != set(fields), f"its record's fields differ: {sorted(set(saved) ^ set(fields))}", ValueError)
+        require(set(saved) == set(fields), f"its record's fields differ: {sorted(set(saved) ^ set(fields))}")
         for name, value in saved.items():
             f, ok = fields[name], name == "teacher" or value is None is fields[name].default
             with contextlib.suppress(argparse.ArgumentTypeError, ValueError, TypeError):
                 ok = ok or (isinstance(value, bool) if f.type is bool else value in f.metadata.get("choices", [value])
                             and f.metadata.get("type", str)(str(value)) is not None)
-            refuse(not ok, f"its record has {name} = {value!r}", ValueError)
+            require(ok, f"its record has {name} = {value!r}")
         return cls(**{**saved, "teacher": saved["teacher"] and cls.load(saved["teacher"])})
 
 
