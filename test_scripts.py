@@ -905,8 +905,8 @@ def torchrun(*argv, **popen):
 def test_two_processes_finish_with_every_log_every_and_stay_identical(tmp_path, data_dir):
     """torchrun with 2 CPU processes over gloo, three runs at once: whatever --log-every, every
     collective (the logged loss, a save, the stop check) is taken by both processes at the same
-    step, so each run finishes. DDP keeps the replicas identical, each process draws its own half
-    of the global batch, and the checkpoint then resumes in a single process."""
+    step, so each run finishes. DDP keeps the replicas identical, and the checkpoint holds each
+    process's own random state, so that each draws its own half of the global batch."""
     common = [*TINY, "--steps", "40", "--save-every", "15", "--data-dir", data_dir, "--batch-size", "4"]
     runs = {k: torchrun(*common, "--log-every", str(k), "--out", str(tmp_path / f"log{k}")) for k in (0, 1, 5)}
     said = {k: p.communicate(timeout=600)[0] for k, p in runs.items()}
@@ -1061,17 +1061,21 @@ def test_documented_numbers_match_their_results_files():
                 cell, mean, np.std([m[key][row][str(n)] for m in table1["per_seed"]], ddof=1), percent=percent), \
                 (row, n, cell)
         assert shows(cells[-1], table1["train_seconds"][row]), (row, cells[-1])
-    rows = table_after(os.path.join("docs", "RESULTS.md"), "**Every objective on digits.**")
-    assert len(rows) == 10
-    for _, *cells, folders in rows:         # each row is the mean (± the standard deviation) over its folders
-        runs = [load(f"{folder.strip('`')}/metrics.json") for folder in folders.split(", ")]
-        values = {(n, key): [m[f"{m['run']['objective']}_{n}"][key] for m in runs]
-                  for n in (1, 2, 4, 8, 128) for key in ("fd", "accuracy")}
-        shown = [values[n, "fd"] for n in (1, 2, 4, 8, 128)] + [values[1, "accuracy"] + values[128, "accuracy"]]
-        for cell, vals in zip(cells, shown):
-            halves = [vals] if len(vals) == len(runs) else [vals[:len(runs)], vals[len(runs):]]
-            stats = [v for h in halves for v in ([np.mean(h), np.std(h, ddof=1)] if len(runs) > 1 else h)]
-            assert shows(cell, *stats), (folders, cell)
+    for anchor, n_rows in (("**Every objective on digits.**", 10), ("**Compute on digits.**", 6)):
+        rows = table_after(os.path.join("docs", "RESULTS.md"), anchor)
+        assert len(rows) == n_rows
+        for _, *cells, folders in rows:         # each row is the mean (± the standard deviation) over its folders
+            runs = [load(f"{folder.strip('`')}/metrics.json") for folder in folders.split(", ")]
+            if anchor == "**Compute on digits.**":                  # its steps, then the FD alone
+                steps, *cells = cells
+                assert {m["run"]["steps"] for m in runs} == {int(steps.replace(",", ""))}, (folders, steps)
+            values = {(n, key): [m[f"{m['run']['objective']}_{n}"][key] for m in runs]
+                      for n in (1, 2, 4, 8, 128) for key in ("fd", "accuracy")}
+            shown = [values[n, "fd"] for n in (1, 2, 4, 8, 128)] + [values[1, "accuracy"] + values[128, "accuracy"]]
+            for cell, vals in zip(cells, shown):
+                halves = [vals] if len(vals) == len(runs) else [vals[:len(runs)], vals[len(runs):]]
+                stats = [v for h in halves for v in ([np.mean(h), np.std(h, ddof=1)] if len(runs) > 1 else h)]
+                assert shows(cell, *stats), (folders, cell)
     rows = table_after(os.path.join("docs", "RESULTS.md"), "## The one-step gap")
     for _, folder, off, spread, seconds in rows:              # the first (or only) row of each folder's toy.json
         m = load(f"{folder.strip('`')}/toy.json")
@@ -1089,7 +1093,3 @@ def test_documented_numbers_match_their_results_files():
                      percent=True), (folder, off)
         assert shows(spread, *(v for n in (1, 4, 128) for v in (m["spread"][row][str(n)], sd("spread", n)))), \
             (folder, spread)
-    rows = table_after(os.path.join("docs", "RESULTS.md"), "**Compute on digits.**")
-    for _, _, folder, fd in rows:                              # one seed a row
-        m = load(f"{folder.strip('`')}/metrics.json")
-        assert shows(fd, *(m[f"{m['run']['objective']}_{n}"]["fd"] for n in (1, 2, 4, 8, 128))), (folder, fd)
