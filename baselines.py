@@ -135,8 +135,7 @@ def meanflow(model, x1, y=None, *, teacher=None, progress=0.0, pair="independent
     from t = 1 - tau_t over d = tau_t - tau_r, ~30% of rows flow matching (d = 0, put last). The registry holds the
     rest: loss power 0.75, a plain mean, t unscaled, d told continuously ("gap")."""
     require(0 <= ratio <= 1, f"ratio must be in [0, 1], got {ratio}")
-    B, dev = len(x1), x1.device
-    x0 = draw_noise(x1, pair, y)
+    B, dev, x0 = len(x1), x1.device, draw_noise(x1, pair, y)
     tau_t, tau_r = torch.sigmoid(torch.tensor([[-0.6], [-4.0]], device=dev) + 1.6 * torch.randn(2, B, device=dev))
     tau_r = torch.minimum(tau_t, torch.where(torch.rand(B, device=dev) < 1 - ratio, tau_t, tau_r))
     rows = torch.argsort((tau_r == tau_t).int(), stable=True)

@@ -124,6 +124,7 @@ def checked(kind, ok, need):
 as_count = checked(int, lambda v: 1 <= v <= 10 ** 9, "an integer from 1 to 10^9")
 as_share = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 as_positive = checked(float, lambda v: 0 < v < math.inf, "a finite number above 0")
+as_power = checked(float, lambda v: 0 <= v <= 2, "in [0, 2]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +139,8 @@ class Record:
     seed: int = setting(0, "seed of the data, the noise and the weights (default: 0)",
                         type=checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"))
     ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy (the official default)")
-    loss_power: float = setting(None, "p of the robust loss (default: the objective's)",
-                                type=checked(float, lambda v: 0 <= v <= 2, "in [0, 2]"))
+    loss_power: float = setting(None, "p of the robust loss (default: the objective's)", type=as_power)
+    boot_power: float = setting(0.0, "q: each bootstrap row weighed by its error^q (default: 0)", type=as_power)
     t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)",
                              type=checked(float, lambda v: 0 < v <= 1e4, "in (0, 10^4]"))
     d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "

@@ -141,20 +141,24 @@ def shortcut_targets(model, x1, y=None, *, teacher=None, bootstrap_frac=0.25, cl
     return Targets(x_t, t, d, y, target, n_sc)
 
 
-def regress(model, targets, loss_power=0.0, per_part=True):
+def regress(model, targets, loss_power=0.0, per_part=True, boot_power=0.0):
     """(loss, parts): the loss of s(x_t, t, d, y) against the targets, and the detached MSE of the bootstrap rows ("sc")
     and of the rest ("fm"), nan if none. loss_power = 0: the MSE over every element, so the parts weigh by their batch
     share (official). p > 0: MeanFlow's adaptive weight, each row's summed squared error e over sg(e + 1e-3)^p, then the
     plain mean (per_part=False, MeanFlow's authors) or, per_part=True, the weights renormalised within each part: over
-    the whole batch the bootstrap rows, with the smallest errors, would take all the weight and fall to s = 0."""
-    require(0 <= loss_power < math.inf, f"loss_power must be 0 (the MSE) or more, got {loss_power}")
+    the whole batch the bootstrap rows, with the smallest errors, would take all the weight and fall to s = 0.
+    boot_power q > 0 weighs each bootstrap row by sg(e + 1e-3)^q too, giving the worst-fit jumps the most signal: a
+    bootstrap target is a function of (x_t, t, d), so no weight moves a minimiser s can reach (on x1 - x0 one would)."""
+    require(0 <= loss_power < math.inf and 0 <= boot_power < math.inf,
+            f"loss_power and boot_power must be 0 (the MSE) or more, got {loss_power} and {boot_power}")
     tg, n = targets, targets.n_boot
     err = (model(tg.x_t, tg.t, tg.d, tg.y) - tg.target.to(tg.x_t.dtype)).float().pow(2).flatten(1).mean(1)  # (B,)
     parts = {"sc": err[:n].detach().mean(), "fm": err[n:].detach().mean()}
-    if not loss_power:
+    if not (loss_power or boot_power):
         return err.mean(), parts
     e = err * tg.target[0].numel()
     w = (e.detach() + 1e-3) ** -loss_power
+    w[:n] *= (e[:n].detach() + 1e-3) ** boot_power
     if not per_part:
         return (w * e).mean(), parts
     rows = [r for r in (slice(0, n), slice(n, None)) if len(err[r])]
@@ -373,8 +377,7 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, d, y=None):
-        B, C, H, W = x.shape
-        p = self.cfg.patch
+        (B, C, H, W), p = x.shape, self.cfg.patch
         c = self.cond(t, d, y)                                      # (B, width)
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, width)
         for block in self.blocks:

@@ -369,6 +369,16 @@ def test_a_toy_teacher_is_trained_with_the_students_record(tmp_path, capsys):
     assert code == 2 and "unrecognized arguments: --teacher" in err
 
 
+def test_boot_power_reaches_the_loss_and_keeps_the_one_step_map():
+    """--boot-power weighs the bootstrap rows by their error: the record holds it, the same seed trains other
+    weights, and the flow-matching rows' MSE still grounds a one-step map far from a flow model's one step."""
+    assert toy.record(toy.parse_args(["--boot-power", "0.5"])).boot_power == 0.5
+    weighted, plain = quick_train("--boot-power", "0.5")[0], quick_train()[0]
+    x, t, d = torch.randn(100, 2), torch.rand(100), torch.full((100,), 0.5)
+    assert not torch.allclose(weighted(x, t, d), plain(x, t, d), atol=1e-3)
+    assert off_mode(weighted, "shortcut", 1) < 0.5 * off_mode(quick_train(objective="flow")[0], "flow", 1)
+
+
 def test_toy_cli_rejects_bad_flags_in_one_line(tmp_path, capsys):
     """Bad or contradicting flags stop in one line with exit code 2 before anything is trained;
     a finite loss whose update makes the weights non-finite stops too, and nothing is saved."""
@@ -378,7 +388,7 @@ def test_toy_cli_rejects_bad_flags_in_one_line(tmp_path, capsys):
                   ["--seed", "-1"], ["--out", str(a_file)], ["--out", ""], ["--objective", "reflow", "--pair", "ot"],
                   ["--table1", "--pair", "ot"], ["--table1", "--objective", "flow"], ["--sweep", "bootstrap-frac",
                   "--bootstrap-frac", "0.5"], ["--table1", "--ema-teacher"], ["--objective", "reflow", "--ema-teacher"],
-                  ["--steps", "9" * 400], ["--t-scale", "1e300"], ["--n-samples", "1"]):
+                  ["--steps", "9" * 400], ["--t-scale", "1e300"], ["--n-samples", "1"], ["--boot-power", "-1"]):
         code, err = run_cli(toy, flags + ["--out", str(tmp_path / "never")] * ("--out" not in flags), capsys)
         assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, (flags, err)
     assert not (tmp_path / "never").exists()
@@ -1061,7 +1071,7 @@ def test_documented_numbers_match_their_results_files():
                 cell, mean, np.std([m[key][row][str(n)] for m in table1["per_seed"]], ddof=1), percent=percent), \
                 (row, n, cell)
         assert shows(cells[-1], table1["train_seconds"][row]), (row, cells[-1])
-    for anchor, n_rows, n_cells in (("**Every objective on digits.**", 10, 6), ("**Compute on digits.**", 8, 5)):
+    for anchor, n_rows, n_cells in (("**Every objective on digits.**", 12, 6), ("**Compute on digits.**", 8, 5)):
         rows = table_after(os.path.join("docs", "RESULTS.md"), anchor)
         assert len(rows) == n_rows
         for _, *cells, folders in rows:         # each row is the mean (± the standard deviation) over its folders

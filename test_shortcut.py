@@ -302,10 +302,12 @@ def test_the_distillations_clip_only_their_intermediate_point_as_the_official_co
 def test_the_robust_loss_weighs_rows_within_each_part():
     """loss_power = 0 is the MSE; p > 0 divides each row's summed error e by (e + 1e-3)^p and
     normalises the weights within the bootstrap rows and within the data rows, so that each part
-    keeps its batch share however small its errors are."""
+    keeps its batch share however small its errors are; boot_power q > 0 multiplies the bootstrap
+    rows' weights by (e + 1e-3)^q."""
     targets = S.Targets(torch.zeros(6, 3), torch.zeros(6), torch.zeros(6), None, torch.zeros(6, 3), n_boot=2)
     err = torch.tensor([1e-6, 4e-6, 0.5, 1.0, 2.0, 3.0])
-    loss = lambda e, p: S.regress(lambda x, t, d, y: e.sqrt()[:, None].expand(6, 3), targets, p)[0]   # noqa: E731
+    loss = lambda e, p, q=0.0: S.regress(lambda x, t, d, y: e.sqrt()[:, None].expand(6, 3), targets, p,  # noqa: E731
+                                         boot_power=q)[0]
     torch.testing.assert_close(loss(err, 0.0), err.mean())
     for p in (0.5, 1.0):
         w = (3 * err + 1e-3) ** -p
@@ -315,9 +317,14 @@ def test_the_robust_loss_weighs_rows_within_each_part():
     torch.testing.assert_close(grad[:2].sum(), torch.tensor(2 / 6))    # the bootstrap rows' share of the gradient
     w = (3 * err + 1e-3) ** -1.0
     assert w[:2].sum() / w.sum() > 0.99             # which one weighting over the whole batch gives them
+    for q in (0.5, 1.0):                            # boot_power: the bootstrap rows by their error^q, the rest MSE
+        w = (3 * err[:2] + 1e-3) ** q
+        torch.testing.assert_close(loss(err, 0.0, q), ((w @ err[:2]) / w.sum() * 2 + err[2:].sum()) / 6)
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="loss_power"):
             loss(err, bad)
+        with pytest.raises(ValueError, match="boot_power"):
+            loss(err, 0.0, bad)
 
 
 ################################################################################

@@ -194,7 +194,7 @@ def main(argv=None):
                     # the curricula move in stages: the stage's start keeps a compiled graph fixed
                     tg = make_targets(run.objective, net, x1, y, teacher=builds_targets,
                                       progress=stage(step / run.steps) / BOOTSTRAP_LEVELS, **options)
-                    loss, _ = regress(ddp, tg, run.loss_power, OBJECTIVES[run.objective].per_part)
+                    loss, _ = regress(ddp, tg, run.loss_power, OBJECTIVES[run.objective].per_part, run.boot_power)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
@@ -228,8 +228,7 @@ def main(argv=None):
         if end > start:
             log(f"trained {end - start} steps in {train_seconds}s")
         if world > 1:           # DDP keeps the replicas bit-identical: each weight's max over the processes is its min
-            w = torch.cat([p.detach().flatten() for p in model.parameters()])
-            bounds = torch.stack([w, -w])
+            bounds = torch.stack([w := torch.cat([p.detach().flatten() for p in model.parameters()]), -w])
             torch.distributed.all_reduce(bounds, torch.distributed.ReduceOp.MAX)
             if not torch.equal(bounds[0], -bounds[1]):
                 raise RuntimeError("the DDP replicas drifted apart")

@@ -195,7 +195,7 @@ def train(run, data, teacher=None, track=None, label=None):
         for step in range(run.steps):
             x1, progress = data[torch.randint(len(data), (run.batch_size,))], step / run.steps
             tg = B.make_targets(run.objective, model, x1, teacher=teacher, progress=progress, **options)
-            loss, parts = regress(model, tg, run.loss_power, B.OBJECTIVES[run.objective].per_part)
+            loss, parts = regress(model, tg, run.loss_power, B.OBJECTIVES[run.objective].per_part, run.boot_power)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
