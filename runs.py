@@ -140,7 +140,7 @@ class Record:
                         type=checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"))
     ema_teacher: bool = setting(False, "exercise 8: targets from an EMA copy (the official default)")
     loss_power: float = setting(None, "p of the robust loss (default: the objective's)", type=as_power)
-    boot_power: float = setting(0.0, "q: each bootstrap row weighed by its error^q (default: 0)", type=as_power)
+    boot_power: float = setting(0.0, "q: bootstrap rows weighted by error^q (default: 0; shortcut)", type=as_power)
     t_scale: float = setting(None, "the scale of t in its embedding (default: the objective's)",
                              type=checked(float, lambda v: 0 < v <= 1e4, "in (0, 10^4]"))
     d_embed: str = setting(None, "how d is told: its level log2(1/d), the end time t + d (exercise 14) or d itself "
@@ -151,11 +151,12 @@ class Record:
         refuse(self.pair == "ot" and self.objective == "reflow", "--pair ot: reflow takes its pairs from its teacher")
         refuse(self.ema_teacher and OBJECTIVES[self.objective].two_phase,
                f"--ema-teacher: {self.objective}'s targets come from its teacher")
+        refuse(self.boot_power and self.objective != "shortcut", "--boot-power is for --objective shortcut")
 
     @classmethod
     def load(cls, saved):
         """The record of a saved dict, each setting checked as its flag checks it (ValueError, by shortcut.require)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields, saved = {f.name: f for f in dataclasses.fields(cls)}, {"boot_power": 0.0, **saved}   # older records
         require(set(saved) == set(fields), f"its record's fields differ: {sorted(set(saved) ^ set(fields))}")
         for name, value in saved.items():
             f, ok = fields[name], name == "teacher" or value is None is fields[name].default

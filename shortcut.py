@@ -147,10 +147,10 @@ def regress(model, targets, loss_power=0.0, per_part=True, boot_power=0.0):
     share (official). p > 0: MeanFlow's adaptive weight, each row's summed squared error e over sg(e + 1e-3)^p, then the
     plain mean (per_part=False, MeanFlow's authors) or, per_part=True, the weights renormalised within each part: over
     the whole batch the bootstrap rows, with the smallest errors, would take all the weight and fall to s = 0.
-    boot_power q > 0 weighs each bootstrap row by sg(e + 1e-3)^q too, giving the worst-fit jumps the most signal: a
-    bootstrap target is a function of (x_t, t, d), so no weight moves a minimiser s can reach (on x1 - x0 one would)."""
-    require(0 <= loss_power < math.inf and 0 <= boot_power < math.inf,
-            f"loss_power and boot_power must be 0 (the MSE) or more, got {loss_power} and {boot_power}")
+    boot_power q > 0 weighs each bootstrap row by sg(e + 1e-3)^q too, for more signal on the worst-fit jumps: eq. 5's
+    target is a function of (x_t, t, d, y), so no weight moves a minimiser s can reach (on x1 - x0 one would)."""
+    require(0 <= loss_power < math.inf, f"loss_power must be 0 (the MSE) or more, got {loss_power}")
+    require(0 <= boot_power < math.inf, f"boot_power must be 0 (the MSE) or more, got {boot_power}")
     tg, n = targets, targets.n_boot
     err = (model(tg.x_t, tg.t, tg.d, tg.y) - tg.target.to(tg.x_t.dtype)).float().pow(2).flatten(1).mean(1)  # (B,)
     parts = {"sc": err[:n].detach().mean(), "fm": err[n:].detach().mean()}

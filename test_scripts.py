@@ -370,9 +370,12 @@ def test_a_toy_teacher_is_trained_with_the_students_record(tmp_path, capsys):
 
 
 def test_boot_power_reaches_the_loss_and_keeps_the_one_step_map():
-    """--boot-power weighs the bootstrap rows by their error: the record holds it, the same seed trains other
-    weights, and the flow-matching rows' MSE still grounds a one-step map far from a flow model's one step."""
-    assert toy.record(toy.parse_args(["--boot-power", "0.5"])).boot_power == 0.5
+    """--boot-power weighs the bootstrap rows by their error: the record holds it (a record saved before the flag
+    existed loads as 0), the same seed trains other weights, and the flow-matching rows' MSE still grounds a
+    one-step map far from a flow model's one step."""
+    saved = dataclasses.asdict(toy.record(toy.parse_args(["--boot-power", "0.5"])))
+    assert saved["boot_power"] == 0.5 and toy.Run.load({**saved, "boot_power": 0.0}) == toy.Run.load(
+        {k: v for k, v in saved.items() if k != "boot_power"})
     weighted, plain = quick_train("--boot-power", "0.5")[0], quick_train()[0]
     x, t, d = torch.randn(100, 2), torch.rand(100), torch.full((100,), 0.5)
     assert not torch.allclose(weighted(x, t, d), plain(x, t, d), atol=1e-3)
@@ -388,7 +391,8 @@ def test_toy_cli_rejects_bad_flags_in_one_line(tmp_path, capsys):
                   ["--seed", "-1"], ["--out", str(a_file)], ["--out", ""], ["--objective", "reflow", "--pair", "ot"],
                   ["--table1", "--pair", "ot"], ["--table1", "--objective", "flow"], ["--sweep", "bootstrap-frac",
                   "--bootstrap-frac", "0.5"], ["--table1", "--ema-teacher"], ["--objective", "reflow", "--ema-teacher"],
-                  ["--steps", "9" * 400], ["--t-scale", "1e300"], ["--n-samples", "1"], ["--boot-power", "-1"]):
+                  ["--steps", "9" * 400], ["--t-scale", "1e300"], ["--n-samples", "1"], ["--boot-power", "-1"],
+                  ["--boot-power", "1", "--objective", "flow"], ["--boot-power", "1", "--table1"]):
         code, err = run_cli(toy, flags + ["--out", str(tmp_path / "never")] * ("--out" not in flags), capsys)
         assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, (flags, err)
     assert not (tmp_path / "never").exists()

@@ -320,6 +320,8 @@ def test_the_robust_loss_weighs_rows_within_each_part():
     for q in (0.5, 1.0):                            # boot_power: the bootstrap rows by their error^q, the rest MSE
         w = (3 * err[:2] + 1e-3) ** q
         torch.testing.assert_close(loss(err, 0.0, q), ((w @ err[:2]) / w.sum() * 2 + err[2:].sum()) / 6)
+    w = (3 * err[2:] + 1e-3) ** -0.5                # q = p: the bootstrap rows' weights cancel to their mean
+    torch.testing.assert_close(loss(err, 0.5, 0.5), (err[:2].sum() + (w @ err[2:]) / w.sum() * 4) / 6)
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="loss_power"):
             loss(err, bad)

@@ -327,12 +327,12 @@ def parse_args(argv=None):
     rows = "--table1" if args.table1 else "--sweep" if args.sweep else None
     refuse(rows and args.objective != "shortcut", f"--objective: {rows} trains its own rows")
     refuse(args.sweep and args.bootstrap_frac != 0.25, "--bootstrap-frac: --sweep sets it row by row")
-    refuse(args.table1 and (args.pair == "ot" or args.ema_teacher), "--table1: --pair ot and --ema-teacher do not "
-           "apply to reflow and the two-phase objectives, whose targets come from their teacher")
+    refuse(args.table1 and (args.pair == "ot" or args.ema_teacher or args.boot_power), "--table1: --pair ot, "
+           "--ema-teacher and --boot-power do not apply to every objective of the table")
     return args
 
 
-FLOW = dict(objective="flow", pair="independent")
+FLOW = dict(objective="flow", pair="independent", boot_power=0.0)
 file_name = functools.partial(re.sub, r"[^A-Za-z0-9-]+", "_")     # 'shortcut, robust loss' -> 'shortcut_robust_loss'
 TABLE1 = [(name, dict(objective=name)) for name in B.OBJECTIVES] + [
     ("shortcut, robust loss", dict(objective="shortcut", loss_power=0.5)), ("AMED on flow", None),
