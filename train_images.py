@@ -139,7 +139,8 @@ def main(argv=None):
             return bench.benchmark(run, args, cfg, device)
         refuse(run.batch_size % world, f"global --batch-size {run.batch_size} is not a multiple of {world} processes")
         log = print if rank == 0 else (lambda *a, **k: None)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"   # TF32
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         held.enter_context(claim(args.out) if rank == 0 else contextlib.nullcontext())
         ckpt = os.path.join(args.out, "checkpoint.pt")
         if not (args.resume and os.path.exists(ckpt) and os.path.samefile(args.resume, ckpt)):

@@ -377,11 +377,10 @@ def main(argv=None):
 def replicate(args, rows, seed, path):
     """One seed: its models, the first row's errors during training (--track-exact), the data, the samples and their
     measures. The flow row's model is also the teacher of the two-phase rows and AMED's flow."""
-    rng, gm = np.random.default_rng(seed), ring()
+    rng, gm, models, logs = np.random.default_rng(seed), ring(), {}, {}
     train_data, data, data_b = (gm.sample(n, rng) for n in (100_000, args.n_samples, args.n_samples))
     x0 = torch.randn(args.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     suffix, flow, teacher = f"_seed{seed}" * (seed != args.seed), record(args, seed=seed, **FLOW), None
-    models, logs = {}, {}
     for i, (row, changes) in enumerate(rows):
         run = record(args, seed=seed, **(FLOW if changes is None else changes))
         two_phase = B.OBJECTIVES[run.objective].two_phase
